@@ -1,0 +1,7 @@
+//! Cryptography: the sector cipher engine, LUKS1 and legacy qcow2 AES.
+//!
+//! Nothing here knows about virtio or qcow2; callers pass byte buffers and sector numbers.
+//! The sector size for every disk-encryption operation is 512 bytes.
+
+/// Size of an encryption sector in bytes, whatever the image's cluster or block size.
+pub const SECTOR_SIZE: usize = 512;

@@ -1,0 +1,10 @@
+//! vhost-user-qcow2: a vhost-user-blk backend serving raw, qcow2 and LUKS-encrypted images.
+//!
+//! Layers point one way: `cli → vhost_user → virtio_blk → image → {qcow2, crypto} → storage`.
+
+pub mod crypto;
+pub mod image;
+pub mod qcow2;
+pub mod storage;
+pub mod vhost_user;
+pub mod virtio_blk;

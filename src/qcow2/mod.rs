@@ -1,0 +1,1 @@
+//! qcow2 images (QEMU docs/interop/qcow2.rst).

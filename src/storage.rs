@@ -1,0 +1,513 @@
+//! Positioned file I/O: the bottom layer.
+//!
+//! Everything above this module addresses bytes of a backing store by absolute offset. Reads that
+//! run past the end of the file return zeroes for the missing part (a qcow2 file may legitimately
+//! end inside its last allocated cluster), writes extend the file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+/// Errors of the storage layer.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("cannot open {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("read of {len} bytes at offset {offset} failed")]
+    Read {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("write of {len} bytes at offset {offset} failed")]
+    Write {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
+    #[error("flush failed")]
+    Flush(#[source] io::Error),
+    #[error("cannot size the file")]
+    Size(#[source] io::Error),
+    #[error("cannot deallocate {len} bytes at offset {offset}")]
+    Discard {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("offset {offset} + length {len} overflows")]
+    Overflow { offset: u64, len: u64 },
+}
+
+/// Result type of this module.
+pub type Result<T> = std::result::Result<T, StorageError>;
+
+/// Positioned I/O on a backing store. Implementations are shared between worker threads.
+#[allow(clippy::len_without_is_empty)]
+pub trait Storage: Send + Sync {
+    /// Current length in bytes.
+    fn len(&self) -> Result<u64>;
+    /// Fills `buf` from `offset`; the part past the end of the store reads as zeroes.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes all of `buf` at `offset`, extending the store if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Scatter read: fills every buffer in turn from `offset`; past the end reads as zeroes.
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()>;
+    /// Gather write of every buffer in turn from `offset`.
+    fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()>;
+    /// Truncates or extends the store.
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Makes everything written so far durable (data and the metadata needed to read it).
+    fn sync(&self) -> Result<()>;
+    /// Deallocates a range; it reads as zeroes afterwards.
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes a range read as zeroes, keeping it allocated where the store can.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+/// A [`Storage`] over a regular file (or block device).
+pub struct FileStorage {
+    file: File,
+    path: String,
+}
+
+/// How to open a [`FileStorage`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenFlags {
+    /// Open read-only.
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+}
+
+impl FileStorage {
+    /// Opens an existing file.
+    pub fn open(path: &Path, flags: OpenFlags) -> Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!flags.read_only);
+        if flags.direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(path).map_err(|source| StorageError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            file,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Creates a new file (fails if it exists).
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|source| StorageError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Self {
+            file,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Wraps an already opened file.
+    pub fn from_file(file: File, path: String) -> Self {
+        Self { file, path }
+    }
+
+    /// The path the file was opened with.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let l =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by self.file.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+fn end_of(offset: u64, len: usize) -> Result<u64> {
+    let l = u64::try_from(len).map_err(|_| StorageError::Overflow {
+        offset,
+        len: u64::MAX,
+    })?;
+    offset
+        .checked_add(l)
+        .ok_or(StorageError::Overflow { offset, len: l })
+}
+
+fn total_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
+}
+
+impl Storage for FileStorage {
+    fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(StorageError::Size)
+            .and_then(|l| {
+                if l == 0 {
+                    // Block devices report 0 in metadata; ask the kernel for the device size.
+                    use std::io::Seek;
+                    let mut f = &self.file;
+                    f.seek(io::SeekFrom::End(0)).map_err(StorageError::Size)
+                } else {
+                    Ok(l)
+                }
+            })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut bufs = [IoSliceMut::new(buf)];
+        self.readv_at(&mut bufs, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        end_of(offset, buf.len())?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| StorageError::Write {
+                offset,
+                len: buf.len(),
+                source,
+            })
+    }
+
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let total = total_len(bufs);
+        end_of(offset, total)?;
+        let mut bufs: &mut [IoSliceMut<'_>] = bufs;
+        let mut pos = offset;
+        while !bufs.is_empty() {
+            if bufs[0].is_empty() {
+                bufs = &mut bufs[1..];
+                continue;
+            }
+            let n = preadv(&self.file, bufs, pos).map_err(|source| StorageError::Read {
+                offset: pos,
+                len: total,
+                source,
+            })?;
+            if n == 0 {
+                // End of file: the rest reads as zeroes.
+                for b in bufs.iter_mut() {
+                    b.fill(0);
+                }
+                break;
+            }
+            pos += n as u64;
+            IoSliceMut::advance_slices(&mut bufs, n);
+        }
+        Ok(())
+    }
+
+    fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let total = total_len(bufs);
+        end_of(offset, total)?;
+        // advance_slices needs to mutate the slice headers, never the data.
+        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
+        let mut bufs: &mut [IoSlice<'_>] = &mut owned;
+        let mut pos = offset;
+        while !bufs.is_empty() {
+            if bufs[0].is_empty() {
+                bufs = &mut bufs[1..];
+                continue;
+            }
+            let n = pwritev(&self.file, bufs, pos).map_err(|source| StorageError::Write {
+                offset: pos,
+                len: total,
+                source,
+            })?;
+            if n == 0 {
+                return Err(StorageError::Write {
+                    offset: pos,
+                    len: total,
+                    source: io::Error::from(io::ErrorKind::WriteZero),
+                });
+            }
+            pos += n as u64;
+            IoSlice::advance_slices(&mut bufs, n);
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).map_err(StorageError::Size)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(StorageError::Flush)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        offset
+            .checked_add(len)
+            .ok_or(StorageError::Overflow { offset, len })?;
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.write_zeroes(offset, len),
+            Err(source) => Err(StorageError::Discard {
+                offset,
+                len,
+                source,
+            }),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .ok_or(StorageError::Overflow { offset, len })?;
+        if self
+            .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // Fallback: write zeroes in bounded chunks.
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; usize::try_from(CHUNK.min(len)).unwrap_or(0)];
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(CHUNK);
+            let n = usize::try_from(n).map_err(|_| StorageError::Overflow { offset, len })?;
+            self.write_at(&zeroes[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn preadv(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cnt = libc::c_int::try_from(bufs.len().min(1024)).unwrap_or(1024);
+    loop {
+        // SAFETY: IoSliceMut is ABI-compatible with struct iovec; each entry describes memory
+        // that is valid for writes for the lifetime of `bufs`, and `cnt` does not exceed its length.
+        let r = unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                bufs.as_mut_ptr().cast::<libc::iovec>(),
+                cnt,
+                off,
+            )
+        };
+        if r >= 0 {
+            return usize::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EIO));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn pwritev(file: &File, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cnt = libc::c_int::try_from(bufs.len().min(1024)).unwrap_or(1024);
+    loop {
+        // SAFETY: IoSlice is ABI-compatible with struct iovec; each entry describes memory valid
+        // for reads for the lifetime of `bufs`, and `cnt` does not exceed its length.
+        let r = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                bufs.as_ptr().cast::<libc::iovec>(),
+                cnt,
+                off,
+            )
+        };
+        if r >= 0 {
+            return usize::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EIO));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// An in-memory [`Storage`] for tests.
+#[derive(Default)]
+pub struct MemStorage {
+    data: Mutex<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// A store holding `data`.
+    pub fn new(data: Vec<u8>) -> Self {
+        Self {
+            data: Mutex::new(data),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A poisoned lock only means another test thread panicked; the bytes are still valid.
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn range(offset: u64, len: usize) -> Result<(usize, usize)> {
+        let end = end_of(offset, len)?;
+        let s = usize::try_from(offset).map_err(|_| StorageError::Overflow { offset, len: 0 })?;
+        let e = usize::try_from(end).map_err(|_| StorageError::Overflow { offset, len: 0 })?;
+        Ok((s, e))
+    }
+}
+
+impl Storage for MemStorage {
+    fn len(&self) -> Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let (s, e) = Self::range(offset, buf.len())?;
+        let d = self.lock();
+        buf.fill(0);
+        if s < d.len() {
+            let avail = e.min(d.len());
+            buf[..avail - s].copy_from_slice(&d[s..avail]);
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let (s, e) = Self::range(offset, buf.len())?;
+        let mut d = self.lock();
+        if d.len() < e {
+            d.resize(e, 0);
+        }
+        d[s..e].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let mut pos = offset;
+        for b in bufs.iter_mut() {
+            self.read_at(b, pos)?;
+            pos = end_of(pos, b.len())?;
+        }
+        Ok(())
+    }
+
+    fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        let mut pos = offset;
+        for b in bufs {
+            self.write_at(b, pos)?;
+            pos = end_of(pos, b.len())?;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        let l = usize::try_from(len).map_err(|_| StorageError::Overflow { offset: 0, len })?;
+        self.lock().resize(l, 0);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let l = usize::try_from(len).map_err(|_| StorageError::Overflow { offset, len })?;
+        let (s, e) = Self::range(offset, l)?;
+        let mut d = self.lock();
+        let e = e.min(d.len());
+        if s < e {
+            d[s..e].fill(0);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_read_past_eof_is_zero_filled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        std::fs::write(&p, [7u8; 10]).expect("write");
+        let s = FileStorage::open(&p, OpenFlags::default()).expect("open");
+        let mut a = [1u8; 6];
+        let mut b = [1u8; 8];
+        s.readv_at(&mut [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)], 4)
+            .expect("read");
+        assert_eq!(a, [7u8; 6]);
+        assert_eq!(b, [0u8; 8]);
+    }
+
+    #[test]
+    fn file_writev_then_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).expect("create");
+        s.writev_at(
+            &[
+                IoSlice::new(b"abc"),
+                IoSlice::new(b""),
+                IoSlice::new(b"def"),
+            ],
+            5,
+        )
+        .expect("write");
+        assert_eq!(s.len().expect("len"), 11);
+        let mut buf = [9u8; 11];
+        s.read_at(&mut buf, 0).expect("read");
+        assert_eq!(&buf, b"\0\0\0\0\0abcdef");
+        s.write_zeroes(6, 2).expect("zero");
+        s.read_at(&mut buf, 0).expect("read");
+        assert_eq!(&buf, b"\0\0\0\0\0a\0\0def");
+    }
+
+    #[test]
+    fn overflowing_offset_is_an_error() {
+        let s = MemStorage::default();
+        assert!(matches!(
+            s.write_at(b"xx", u64::MAX),
+            Err(StorageError::Overflow { .. })
+        ));
+    }
+}

@@ -1,0 +1,1 @@
+//! The vhost-user-blk backend: protocol glue over `vhost-user-backend`.

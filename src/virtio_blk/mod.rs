@@ -1,0 +1,1 @@
+//! virtio-blk request parsing and execution against a [`crate::image::BlockImage`].
