@@ -5,3 +5,4 @@
 
 /// Size of an encryption sector in bytes, whatever the image's cluster or block size.
 pub const SECTOR_SIZE: usize = 512;
+pub mod sector;
