@@ -239,7 +239,8 @@ fn file_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn base64(data: &[u8]) -> String {
+/// Standard base64 with padding (what busybox `base64 -d` in the guest decodes).
+pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
@@ -361,6 +362,7 @@ fn timeout_secs() -> u64 {
 fn start_backend(
     backend: Backend,
     case: &ImageCase,
+    qsd_format_opts: &str,
     image: &Path,
     socket: &Path,
     log: &Path,
@@ -390,7 +392,7 @@ fn start_backend(
                 .arg("--blockdev")
                 .arg(format!("driver=file,filename={},node-name=f", image.display()))
                 .arg("--blockdev")
-                .arg(format!("{},file=f,node-name=d", case.format_opts))
+                .arg(format!("{qsd_format_opts},file=f,node-name=d"))
                 .arg("--export")
                 .arg(format!(
                     "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on,num-queues={QUEUES}",
@@ -474,9 +476,38 @@ fn parse_report(lines: &[String]) -> GuestReport {
 /// crc32c verification on both queues and a pattern write, then checks from the host with
 /// qemu-io that the guest's bytes are in the file. Panics with the serial log tail on failure.
 pub fn run_guest_fio(case: &ImageCase, backend: Backend) {
+    run(case, backend, &case.format_opts);
+}
+
+/// The rig's self-test: qemu-storage-daemon serves a view of the raw image shifted by 1 MiB, so
+/// the guest's own checks pass but the bytes land 1 MiB away from where the guest put them.
+/// The host-side checks must catch that. Returns the panic message they raised (empty if none),
+/// or `None` if the e2e tests are skipped.
+pub fn run_guest_fio_with_misplaced_writes() -> Option<String> {
+    let case = ImageCase::raw();
+    let shifted = format!("driver=raw,offset={MIB},size={}", DISK_SIZE - MIB);
+    eprintln!("rig self-test: a panic from the host-side checks is expected below");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(&case, Backend::QemuStorageDaemon, &shifted)
+    }));
+    match outcome {
+        Ok(false) => None,
+        Ok(true) => Some(String::new()),
+        Err(payload) => Some(
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+/// Returns false if the run was skipped (see [`gate`]).
+fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
     if let Gate::Skip(why) = gate(backend) {
         eprintln!("SKIPPED e2e {} on {}: {why}", case.name, backend.name());
-        return;
+        return false;
     }
     let t_start = Instant::now();
     let (kernel, initrd) = build_guest();
@@ -521,7 +552,14 @@ pub fn run_guest_fio(case: &ImageCase, backend: Backend) {
     )]);
     assert!(ok, "qemu-io prefill failed:\n{text}");
 
-    let mut daemon = start_backend(backend, case, &image, &socket, &backend_log);
+    let mut daemon = start_backend(
+        backend,
+        case,
+        qsd_format_opts,
+        &image,
+        &socket,
+        &backend_log,
+    );
 
     let script = guest_script();
     let encoded = base64(script.as_bytes());
@@ -743,4 +781,5 @@ pub fn run_guest_fio(case: &ImageCase, backend: Backend) {
         t_start.elapsed().as_secs_f64(),
         report.irqs
     );
+    true
 }
