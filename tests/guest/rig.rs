@@ -472,6 +472,113 @@ fn parse_report(lines: &[String]) -> GuestReport {
     r
 }
 
+/// One finished QEMU run.
+pub struct GuestRun {
+    /// QEMU's exit status.
+    pub status: ExitStatus,
+    /// Serial console (and QEMU's stderr) lines.
+    pub serial: Vec<String>,
+    /// Wall-clock seconds from spawning QEMU to its exit.
+    pub secs: f64,
+}
+
+/// Boots the test guest attached to the vhost-user-blk socket and runs `script` in it (see
+/// tests/guest/init). Errors if QEMU does not exit within `VUQ_E2E_TIMEOUT_SECS` (it is then
+/// killed); the error carries the serial log tail.
+pub fn boot_guest(
+    kernel: &Path,
+    initrd: &Path,
+    socket: &Path,
+    script: &str,
+) -> Result<GuestRun, String> {
+    let encoded = base64(script.as_bytes());
+    let append = format!("console=ttyS0 panic=-1 loglevel=4 vuq.script={encoded}");
+    // x86's COMMAND_LINE_SIZE is 2048 including the terminating NUL.
+    if append.len() >= 2000 {
+        return Err(format!(
+            "kernel command line too long ({} bytes)",
+            append.len()
+        ));
+    }
+    let mem = "1G";
+    let mut qemu_cmd = Command::new("qemu-system-x86_64");
+    qemu_cmd
+        .args([
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            &QUEUES.to_string(),
+            "-m",
+            mem,
+        ])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,path={},id=c0", socket.display()))
+        .args([
+            "-device",
+            &format!("vhost-user-blk-pci,chardev=c0,num-queues={QUEUES}"),
+        ])
+        .args(["-nic", "none", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = qemu_cmd
+        .spawn()
+        .map_err(|e| format!("spawn qemu-system-x86_64: {e}"))?;
+    let serial = Serial::default();
+    let mut readers = Vec::new();
+    let streams = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let serial = serial.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                serial.0.lock().expect("serial lock poisoned").push(line);
+            }
+        }));
+    }
+    let mut qemu = Reaped::new("qemu-system-x86_64", child);
+    let timeout = Duration::from_secs(timeout_secs());
+    let status = qemu.wait_timeout(timeout);
+    drop(qemu);
+    for r in readers {
+        let _ = r.join();
+    }
+    let Some(status) = status else {
+        return Err(format!(
+            "guest did not finish within {} s (VUQ_E2E_TIMEOUT_SECS); QEMU killed; serial log tail:\n{}",
+            timeout.as_secs(),
+            serial.tail(60)
+        ));
+    };
+    Ok(GuestRun {
+        status,
+        serial: serial.lines(),
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
 /// Boots the guest against `backend` serving a fresh image made by `case`, runs fio with
 /// crc32c verification on both queues and a pattern write, then checks from the host with
 /// qemu-io that the guest's bytes are in the file. Panics with the serial log tail on failure.
@@ -561,90 +668,16 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
         &backend_log,
     );
 
-    let script = guest_script();
-    let encoded = base64(script.as_bytes());
-    let append = format!("console=ttyS0 panic=-1 loglevel=4 vuq.script={encoded}");
-    assert!(
-        append.len() < 2000,
-        "kernel command line too long ({} bytes)",
-        append.len()
-    );
-    let mem = "1G";
-    let mut qemu_cmd = Command::new("qemu-system-x86_64");
-    qemu_cmd
-        .args([
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            &QUEUES.to_string(),
-            "-m",
-            mem,
-        ])
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-        ])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-chardev")
-        .arg(format!("socket,path={},id=c0", socket.display()))
-        .args([
-            "-device",
-            &format!("vhost-user-blk-pci,chardev=c0,num-queues={QUEUES}"),
-        ])
-        .args(["-nic", "none", "-nographic", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let t_boot = Instant::now();
-    let mut child = qemu_cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn qemu-system-x86_64: {e}"));
-    let serial = Serial::default();
-    let mut readers = Vec::new();
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let serial = serial.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                serial.0.lock().expect("serial lock poisoned").push(line);
-            }
-        }));
-    }
-    let mut qemu = Reaped::new("qemu-system-x86_64", child);
-    let timeout = Duration::from_secs(timeout_secs());
-    let Some(qemu_status) = qemu.wait_timeout(timeout) else {
-        drop(qemu);
+    let guest = boot_guest(&kernel, &initrd, &socket, &guest_script()).unwrap_or_else(|e| {
         panic!(
-            "guest did not finish within {} s (VUQ_E2E_TIMEOUT_SECS); serial log tail:\n{}\n--- {} log tail:\n{}",
-            timeout.as_secs(),
-            serial.tail(60),
+            "{e}\n--- {} log tail:\n{}",
             backend.name(),
             file_tail(&backend_log, 30)
-        );
-    };
-    for r in readers {
-        let _ = r.join();
-    }
-    let guest_secs = t_boot.elapsed().as_secs_f64();
+        )
+    });
+    let qemu_status = guest.status;
+    let guest_secs = guest.secs;
+    let serial = Serial(Arc::new(Mutex::new(guest.serial)));
     let lines = serial.lines();
     let report = parse_report(&lines);
     let fail = |what: &str| -> ! {
