@@ -327,16 +327,19 @@ fn build_guest() -> (PathBuf, PathBuf) {
 fn guest_script() -> String {
     format!(
         "\
+t() {{ echo \"E2E-TIME $1 $(cut -d' ' -f1 /proc/uptime)\"; }}
+t start
 fio --name=verify --filename=$DEV --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite \
 --bsrange=4k-128k --size={job} --numjobs={jobs} --offset_increment={job} --cpus_allowed=0-{lastcpu} \
 --cpus_allowed_policy=split --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting \
---output-format=terse --terse-version=3 >/tmp/fio.out || {{ cat /tmp/fio.out; exit 1; }}
-echo \"E2E-TIME fio-verify-done $(cut -d' ' -f1 /proc/uptime)\"
+--output-format=terse --terse-version=3 >/tmp/fio.out 2>&1 || {{ cat /tmp/fio.out; exit 1; }}
+t fio-verify-done
 fio --name=pattern --filename=$DEV --direct=1 --rw=write --bs=1M --offset={poff} --size={plen} \
---buffer_pattern={pbyte:#04x} --end_fsync=1 --output-format=terse >/dev/null
+--buffer_pattern={pbyte:#04x} --end_fsync=1 --output-format=terse >/tmp/fio.out 2>&1 || {{ cat /tmp/fio.out; exit 1; }}
+t pattern-done
 e2e_md5 fio 0 {region}
 e2e_md5 prefill {foff} {flen}
-echo \"E2E-TIME hashes-done $(cut -d' ' -f1 /proc/uptime)\"
+t hashes-done
 awk '/-req\\./ {{ s = 0; for (i = 2; i <= NF; i++) {{ if ($i ~ /^[0-9]+$/) s += $i; else break }}; \
 print \"E2E-IRQ\", $NF, s }}' /proc/interrupts
 ",
@@ -435,6 +438,8 @@ struct GuestReport {
     queues: Option<u32>,
     init_uptime: Option<f64>,
     done_uptime: Option<f64>,
+    /// `E2E-TIME <step> <uptime>` markers.
+    times: Vec<(String, f64)>,
 }
 
 fn parse_report(lines: &[String]) -> GuestReport {
@@ -463,6 +468,13 @@ fn parse_report(lines: &[String]) -> GuestReport {
                 r.queues = words
                     .find_map(|w| w.strip_prefix("queues="))
                     .and_then(|q| q.parse().ok());
+            }
+            Some("E2E-TIME") => {
+                if let (Some(step), Some(t)) =
+                    (words.next(), words.next().and_then(|t| t.parse().ok()))
+                {
+                    r.times.push((step.to_owned(), t));
+                }
             }
             Some("E2E-INIT:") => r.init_uptime = words.nth(1).and_then(|u| u.parse().ok()),
             Some("E2E-SCRIPT-DONE:") => r.done_uptime = words.nth(2).and_then(|u| u.parse().ok()),
@@ -804,14 +816,15 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
     }
 
     eprintln!(
-        "e2e {} on {}: PASS; guest build {:.1} s, QEMU run {guest_secs:.1} s (init at {:?} s, script done at {:?} s \
-         guest uptime), backend stop {stop_secs:.1} s, total {:.1} s; irqs {:?}",
+        "e2e {} on {}: PASS in {:.1} s (guest build {:.1} s, QEMU {guest_secs:.1} s, backend stop \
+         {stop_secs:.1} s); guest uptime at /init {:?} s, steps {:?}, script done {:?} s; irqs {:?}",
         case.name,
         backend.name(),
+        t_start.elapsed().as_secs_f64(),
         (t_built - t_start).as_secs_f64(),
         report.init_uptime,
+        report.times,
         report.done_uptime,
-        t_start.elapsed().as_secs_f64(),
         report.irqs
     );
     true
