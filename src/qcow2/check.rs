@@ -103,8 +103,9 @@ impl Walker<'_> {
         let cs = self.geo.cluster_size;
         refs.add(res, l1_off, u64::from(l1_size) * 8);
         let l1 = read_l1(self.st, l1_off, l1_size)?;
-        let mut next_contiguous = 0u64;
         for e in l1 {
+            // As QEMU's check_refcounts_l2: contiguity is judged within one L2 table.
+            let mut next_contiguous = 0u64;
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
