@@ -252,6 +252,10 @@ impl Refcounts {
         let bi_usize = usize::try_from(bi).map_err(|_| Error::TooLarge)?;
         if bi_usize >= self.table.len() {
             self.grow(storage, bi_usize)?;
+            // Growing may itself have created this block (to count the new table).
+            if let Some(off) = self.block_offset(bi)? {
+                return Ok(off);
+            }
         }
         let c = self.find_free(storage, 1)?;
         let off = c << self.cluster_bits;

@@ -742,6 +742,10 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, len)?;
+        // As QEMU: without the zero flag, discarding would expose stale backing data.
+        if self.geo.version < 3 && self.backing.is_some() {
+            return Ok(());
+        }
         let (a, b) = self.aligned_part(offset, len);
         if a < b {
             self.zero_clusters(a, b, false)?;
