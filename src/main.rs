@@ -6,8 +6,11 @@ use vhost_user_qcow2::cli;
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = cli::Cli::parse();
-    if let Err(e) = cli::run(args) {
-        eprintln!("vhost-user-qcow2: {}", cli::error_chain(&e));
-        std::process::exit(1);
+    match cli::run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vhost-user-qcow2: {}", cli::error_chain(&e));
+            std::process::exit(1);
+        }
     }
 }

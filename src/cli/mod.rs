@@ -6,7 +6,11 @@
 use clap::{Parser, Subcommand};
 use thiserror::Error;
 
+pub mod check;
+pub mod create;
+pub mod info;
 pub mod serve;
+pub mod tools;
 
 /// vhost-user-blk backend serving raw, qcow2 and LUKS-encrypted images.
 #[derive(Debug, Parser)]
@@ -21,6 +25,12 @@ pub struct Cli {
 pub enum Command {
     /// Serve an image to a VMM over a vhost-user-blk socket.
     Serve(serve::ServeArgs),
+    /// Create a qcow2 or raw image.
+    Create(create::CreateArgs),
+    /// Show what an image is (as `qemu-img info`).
+    Info(info::InfoArgs),
+    /// Check an image's metadata for leaks and corruption (as `qemu-img check`).
+    Check(check::CheckArgs),
 }
 
 /// Errors of any subcommand.
@@ -28,14 +38,22 @@ pub enum Command {
 pub enum Error {
     #[error(transparent)]
     Serve(#[from] serve::ServeError),
+    #[error(transparent)]
+    Tool(#[from] tools::ToolError),
 }
 
-/// Runs the parsed command line.
-pub fn run(cli: Cli) -> Result<(), Error> {
-    match cli.command {
-        Command::Serve(args) => serve::run(args)?,
-    }
-    Ok(())
+/// Runs the parsed command line; the result is the process exit code.
+pub fn run(cli: Cli) -> Result<i32, Error> {
+    let mut out = std::io::stdout().lock();
+    Ok(match cli.command {
+        Command::Serve(args) => {
+            serve::run(args)?;
+            0
+        }
+        Command::Create(args) => create::run(&args, &mut out)?,
+        Command::Info(args) => info::run(&args, &mut out)?,
+        Command::Check(args) => check::run(&args, &mut out)?,
+    })
 }
 
 /// `e` and its chain of sources on one line, `a: b: c`.
