@@ -21,9 +21,12 @@
 
 mod error;
 mod portable;
+mod soft;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_openssl;
 
 use std::fmt;
 
@@ -230,8 +233,7 @@ impl EnginePath {
     pub fn is_available(self) -> bool {
         match self {
             EnginePath::Vaes512 => vaes512_available(),
-            EnginePath::Soft => false,
-            EnginePath::Auto | EnginePath::Portable => true,
+            EnginePath::Auto | EnginePath::Portable | EnginePath::Soft => true,
         }
     }
 }
@@ -247,7 +249,8 @@ fn vaes512_available() -> bool {
 }
 
 enum Engine {
-    Portable(portable::Engine<portable::HwAes>),
+    Portable(Box<portable::Engine<portable::HwAes>>),
+    Soft(Box<portable::Engine<soft::SoftAes>>),
 }
 
 /// Encrypts and decrypts runs of 512-byte sectors with one key.
@@ -301,15 +304,15 @@ impl SectorCipher {
             p => p,
         };
         let engine = match path {
-            EnginePath::Vaes512 | EnginePath::Soft => {
-                return Err(SectorCipherError::PathUnavailable { path })
-            }
+            EnginePath::Vaes512 => return Err(SectorCipherError::PathUnavailable { path }),
+            EnginePath::Soft => Engine::Soft(Box::new(portable::Engine::new(spec, key)?)),
             EnginePath::Auto | EnginePath::Portable => {
-                Engine::Portable(portable::Engine::new(spec, key)?)
+                Engine::Portable(Box::new(portable::Engine::new(spec, key)?))
             }
         };
         let path = match engine {
             Engine::Portable(_) => EnginePath::Portable,
+            Engine::Soft(_) => EnginePath::Soft,
         };
         Ok(SectorCipher { spec, path, engine })
     }
@@ -334,6 +337,7 @@ impl SectorCipher {
         check_len(buf.len())?;
         match &self.engine {
             Engine::Portable(e) => e.encrypt(None, buf, first_sector),
+            Engine::Soft(e) => e.encrypt(None, buf, first_sector),
         }
         Ok(())
     }
@@ -347,6 +351,7 @@ impl SectorCipher {
         check_len(buf.len())?;
         match &self.engine {
             Engine::Portable(e) => e.decrypt(buf, first_sector),
+            Engine::Soft(e) => e.decrypt(buf, first_sector),
         }
         Ok(())
     }
@@ -367,6 +372,7 @@ impl SectorCipher {
         check_len(src.len())?;
         match &self.engine {
             Engine::Portable(e) => e.encrypt(Some(src), dst, first_sector),
+            Engine::Soft(e) => e.encrypt(Some(src), dst, first_sector),
         }
         Ok(())
     }
