@@ -22,6 +22,8 @@
 mod error;
 mod portable;
 mod soft;
+#[cfg(target_arch = "x86_64")]
+mod vaes512;
 
 #[cfg(test)]
 mod tests;
@@ -244,11 +246,19 @@ impl fmt::Display for EnginePath {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+fn vaes512_available() -> bool {
+    vaes512::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 fn vaes512_available() -> bool {
     false
 }
 
 enum Engine {
+    #[cfg(target_arch = "x86_64")]
+    Vaes512(Box<vaes512::Engine>),
     Portable(Box<portable::Engine<portable::HwAes>>),
     Soft(Box<portable::Engine<soft::SoftAes>>),
 }
@@ -304,6 +314,10 @@ impl SectorCipher {
             p => p,
         };
         let engine = match path {
+            #[cfg(target_arch = "x86_64")]
+            EnginePath::Vaes512 if vaes512::available() => {
+                Engine::Vaes512(Box::new(vaes512::Engine::new(spec, key)?))
+            }
             EnginePath::Vaes512 => return Err(SectorCipherError::PathUnavailable { path }),
             EnginePath::Soft => Engine::Soft(Box::new(portable::Engine::new(spec, key)?)),
             EnginePath::Auto | EnginePath::Portable => {
@@ -311,10 +325,25 @@ impl SectorCipher {
             }
         };
         let path = match engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(_) => EnginePath::Vaes512,
             Engine::Portable(_) => EnginePath::Portable,
             Engine::Soft(_) => EnginePath::Soft,
         };
         Ok(SectorCipher { spec, path, engine })
+    }
+
+    /// The fused kernel run on four xmm registers with AES-NI instead of one zmm register, so
+    /// that its logic is tested on CPUs without VAES. Reports path `Vaes512`.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    fn vaes_kernel_on_xmm(spec: CipherSpec, key: &[u8]) -> Option<Self> {
+        spec.validate().ok()?;
+        let engine = vaes512::Engine::new_x4(spec, key)?;
+        Some(SectorCipher {
+            spec,
+            path: EnginePath::Vaes512,
+            engine: Engine::Vaes512(Box::new(engine)),
+        })
     }
 
     /// The cipher spec.
@@ -336,6 +365,8 @@ impl SectorCipher {
     ) -> Result<(), SectorCipherError> {
         check_len(buf.len())?;
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) => e.encrypt(None, buf, first_sector),
             Engine::Portable(e) => e.encrypt(None, buf, first_sector),
             Engine::Soft(e) => e.encrypt(None, buf, first_sector),
         }
@@ -350,6 +381,8 @@ impl SectorCipher {
     ) -> Result<(), SectorCipherError> {
         check_len(buf.len())?;
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) => e.decrypt(buf, first_sector),
             Engine::Portable(e) => e.decrypt(buf, first_sector),
             Engine::Soft(e) => e.decrypt(buf, first_sector),
         }
@@ -371,6 +404,8 @@ impl SectorCipher {
         }
         check_len(src.len())?;
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) => e.encrypt(Some(src), dst, first_sector),
             Engine::Portable(e) => e.encrypt(Some(src), dst, first_sector),
             Engine::Soft(e) => e.encrypt(Some(src), dst, first_sector),
         }

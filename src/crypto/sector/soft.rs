@@ -208,8 +208,21 @@ fn add_round_key(state: &mut [u8; LANES], rk: &Block) {
 /// A keyed software AES; round keys are zeroized on drop.
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub(super) struct SoftAes {
-    rk: [Block; 15],
-    rounds: usize,
+    /// FIPS-197 round keys, round 0 first (also used by the VAES kernel).
+    pub(super) rk: [Block; 15],
+    /// 10, 12 or 14.
+    pub(super) rounds: usize,
+}
+
+/// InvMixColumns of one block (turns an encryption round key into one for the equivalent
+/// inverse cipher, as AESIMC does).
+pub(super) fn inv_mix_columns(block: &mut Block) {
+    let mut s = [0u8; LANES];
+    s[..16].copy_from_slice(block);
+    // mix_words(inverse) is InvMixColumns = MixColumns after the xtime^2 pre-step.
+    mix_words(&mut s, true);
+    block.copy_from_slice(&s[..16]);
+    s.zeroize();
 }
 
 impl SoftAes {
