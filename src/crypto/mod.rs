@@ -8,3 +8,4 @@ pub mod secret;
 
 /// Size of an encryption sector in bytes, whatever the image's cluster or block size.
 pub const SECTOR_SIZE: usize = 512;
+pub mod sector;
