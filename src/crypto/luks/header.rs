@@ -1,10 +1,11 @@
 //! The 592-byte LUKS1 partition header (big-endian), parsed and checked as QEMU's
 //! `qcrypto_block_luks_check_header` / `_parse_header` (crypto/block-luks.c) do.
 //!
-//! Layout: magic "LUKS\xBA\xBE" (6), version u16, cipher_name[32], cipher_mode[32],
-//! hash_spec[32], payload_offset u32 (sectors), key_bytes u32, mk_digest[20], mk_salt[32],
-//! mk_iterations u32, uuid[40], then 8 keyslots of 48 bytes: active u32 (0x00AC71F3 enabled,
-//! 0x0000DEAD disabled), iterations u32, salt[32], key_offset u32 (sectors), stripes u32.
+//! Layout (byte offsets): 0 magic `LUKS\xBA\xBE`, 6 version (u16), 8 cipher_name (32 bytes),
+//! 40 cipher_mode (32), 72 hash_spec (32), 104 payload_offset (u32, sectors), 108 key_bytes,
+//! 112 mk_digest (20), 132 mk_salt (32), 164 mk_iterations, 168 uuid (40), then from 208 eight
+//! keyslots of 48 bytes: active (u32: 0x00AC71F3 enabled, 0x0000DEAD disabled), iterations,
+//! salt (32), key_offset (u32, sectors), stripes.
 //!
 //! The string fields are kept as raw arrays so a header we rewrite (keyslot add/remove) keeps
 //! every byte we did not mean to change, as QEMU's does.
