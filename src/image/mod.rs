@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::storage::{self, FileStorage, OpenFlags, Storage, StorageError};
 
+pub mod luks;
 pub mod raw;
 
 /// Errors of the image layer.
@@ -29,6 +30,10 @@ pub enum ImageError {
     Unsupported,
     #[error("storage")]
     Storage(#[from] StorageError),
+    #[error("LUKS")]
+    Luks(#[from] crate::crypto::luks::LuksError),
+    #[error("sector cipher")]
+    Cipher(#[from] crate::crypto::sector::SectorCipherError),
 }
 
 /// Result type of this module.
