@@ -2,6 +2,7 @@
 //!
 //! Layers point one way: `cli → vhost_user → virtio_blk → image → {qcow2, crypto} → storage`.
 
+pub mod cli;
 pub mod crypto;
 pub mod image;
 pub mod qcow2;

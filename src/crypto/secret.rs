@@ -143,6 +143,37 @@ fn munlock(buf: &[u8]) {
     }
 }
 
+/// Where a passphrase comes from (never the command line itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A file read byte for byte (`--key-secret-file F`).
+    File(std::path::PathBuf),
+    /// An inherited file descriptor read to its end (`--key-fd N`).
+    Fd(i32),
+    /// The controlling terminal, echo off.
+    Prompt,
+}
+
+impl KeySource {
+    /// From the two CLI options; neither means a prompt.
+    pub fn from_options(file: Option<&Path>, fd: Option<i32>) -> Self {
+        match (file, fd) {
+            (Some(f), _) => Self::File(f.to_path_buf()),
+            (None, Some(fd)) => Self::Fd(fd),
+            (None, None) => Self::Prompt,
+        }
+    }
+
+    /// Reads the passphrase; `prompt` is shown on a terminal, `confirm` asks twice there.
+    pub fn read(&self, prompt: &str, confirm: bool) -> Result<Passphrase, SecretError> {
+        match self {
+            Self::File(p) => Passphrase::from_file(p),
+            Self::Fd(fd) => Passphrase::from_fd(*fd),
+            Self::Prompt => Passphrase::prompt(prompt, confirm),
+        }
+    }
+}
+
 /// A passphrase (arbitrary bytes, as QEMU and cryptsetup treat them).
 #[derive(Clone)]
 pub struct Passphrase(SecretBytes);

@@ -1,0 +1,3 @@
+//! Command-line interface: one clap subcommand per file.
+
+pub mod keyslot;
