@@ -1,3 +1,4 @@
 //! Command-line interface: one clap subcommand per file.
 
+pub mod encrypt;
 pub mod keyslot;
