@@ -135,3 +135,26 @@ fn key_material_must_lie_inside_the_area() {
         Err(HeaderError::KeyMaterialTruncated { slot: 0, .. })
     ));
 }
+
+#[test]
+fn random_mutations_never_panic_and_accepted_headers_are_consistent() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let base = sample().encode();
+    for _ in 0..20_000 {
+        let mut b = base;
+        for _ in 0..rng.random_range(1..6) {
+            let at = rng.random_range(0..HEADER_LEN);
+            b[at] = rng.random();
+        }
+        if let Ok(h) = LuksHeader::parse(&b) {
+            for i in 0..NUM_KEY_SLOTS {
+                let (off, len) = h.key_material_range(i);
+                assert!(off >= KEY_SLOT_OFFSET);
+                assert!(off + len <= h.payload_offset_bytes());
+            }
+            assert!(h.mk_iterations > 0);
+            assert_eq!(h.encode(), b);
+        }
+    }
+}
