@@ -52,6 +52,8 @@ pub enum LuksError {
     SlotNotActive(usize),
     #[error("key slot {0} is the last active one; removing it would lose the data")]
     LastKeySlot(usize),
+    #[error("the LUKS region {base}+{len} extends past the end of the file ({file_len} bytes)")]
+    RegionPastEnd { base: u64, len: u64, file_len: u64 },
     #[error("an access of {len} bytes at {offset} lies outside the {area}-byte LUKS area")]
     OutsideArea { offset: u64, len: u64, area: u64 },
 }
@@ -68,6 +70,20 @@ pub struct LuksArea<'a> {
 }
 
 impl<'a> LuksArea<'a> {
+    /// `len` bytes of `storage` from `base` (e.g. a qcow2 FDE region), which must lie within the
+    /// file: storage reads past the end return zeroes, which would pass for key material.
+    pub fn region(storage: &'a dyn Storage, base: u64, len: u64) -> Result<Self> {
+        let file_len = storage.len()?;
+        match base.checked_add(len) {
+            Some(end) if end <= file_len => Ok(Self { storage, base, len }),
+            _ => Err(LuksError::RegionPastEnd {
+                base,
+                len,
+                file_len,
+            }),
+        }
+    }
+
     /// The whole of a raw LUKS file: from offset 0 to its current end.
     pub fn whole(storage: &'a dyn Storage) -> Result<Self> {
         Ok(Self {
