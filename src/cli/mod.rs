@@ -8,7 +8,9 @@ use thiserror::Error;
 
 pub mod check;
 pub mod create;
+pub mod encrypt;
 pub mod info;
+pub mod keyslot;
 pub mod serve;
 pub mod tools;
 
@@ -31,6 +33,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Check an image's metadata for leaks and corruption (as `qemu-img check`).
     Check(check::CheckArgs),
+    /// List, add or remove LUKS key slots.
+    Keyslot(keyslot::KeyslotArgs),
 }
 
 /// Errors of any subcommand.
@@ -40,6 +44,8 @@ pub enum Error {
     Serve(#[from] serve::ServeError),
     #[error(transparent)]
     Tool(#[from] tools::ToolError),
+    #[error(transparent)]
+    Keyslot(#[from] keyslot::KeyslotError),
 }
 
 /// Runs the parsed command line; the result is the process exit code.
@@ -53,6 +59,10 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Create(args) => create::run(&args, &mut out)?,
         Command::Info(args) => info::run(&args, &mut out)?,
         Command::Check(args) => check::run(&args, &mut out)?,
+        Command::Keyslot(args) => {
+            keyslot::run_to(args, &mut out)?;
+            0
+        }
     })
 }
 

@@ -37,9 +37,12 @@ pub struct ServeArgs {
         required_unless_present = "print_capabilities"
     )]
     pub image: Option<PathBuf>,
-    /// Image format (default: detect; only "raw" so far).
+    /// Image format: raw or qcow2 (default: detect from the magic).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
+    /// Whether a qcow2 image may open its backing files (as QEMU does by default).
+    #[arg(long, value_name = "allow|deny", default_value = "allow", value_parser = ["allow", "deny"])]
+    pub backing: String,
     /// Export read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
     #[arg(long)]
     pub read_only: bool,
@@ -124,10 +127,17 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         return Ok(());
     }
     let image_path = args.image.as_ref().ok_or(ServeError::Missing("--image"))?;
-    match args.format.as_deref() {
-        None | Some("raw") => {}
-        Some(f) => return Err(ServeError::Format(f.to_owned())),
-    }
+    let format = match args.format.as_deref() {
+        None => None,
+        Some(f) => {
+            Some(image::Format::from_name(f).ok_or_else(|| ServeError::Format(f.to_owned()))?)
+        }
+    };
+    let backing = if args.backing == "deny" {
+        image::BackingPolicy::Deny
+    } else {
+        image::BackingPolicy::Allow
+    };
     let opts = BlkOptions {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
@@ -146,6 +156,8 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
             &OpenOptions {
                 read_only: args.read_only,
                 direct: args.direct,
+                format,
+                backing,
             },
         )
         .map_err(|source| ServeError::Open {

@@ -56,7 +56,13 @@ fn classify(e: &BlkError) -> (u8, Blame) {
             ImageError::OutOfRange { .. } => (IOERR, Blame::Host),
             ImageError::ReadOnly => (IOERR, Blame::Guest),
             ImageError::Unsupported => (UNSUPP, Blame::Guest),
-            ImageError::Storage(_) => (IOERR, Blame::Host),
+            ImageError::Storage(_)
+            | ImageError::Qcow2(_)
+            | ImageError::BackingDenied { .. }
+            | ImageError::BackingChain { .. }
+            | ImageError::BackingFormat { .. }
+            | ImageError::Luks(_)
+            | ImageError::Cipher(_) => (IOERR, Blame::Host),
         },
     }
 }
