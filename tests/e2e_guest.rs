@@ -69,3 +69,13 @@ fn script_encoding_matches_coreutils_base64() {
         );
     }
 }
+
+#[test]
+fn restarted_qemu_reattaches_to_daemon() {
+    rig::run_guest_reconnect(&ImageCase::raw(), Backend::Daemon);
+}
+
+#[test]
+fn restarted_qemu_reattaches_to_qemu_storage_daemon() {
+    rig::run_guest_reconnect(&ImageCase::raw(), Backend::QemuStorageDaemon);
+}

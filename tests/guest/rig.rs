@@ -95,6 +95,28 @@ impl ImageCase {
         )
     }
 
+    /// Runs qemu-io on the image with the given commands; true if all succeeded (and every
+    /// `read -P` pattern matched), plus the output.
+    fn qemu_io(&self, image: &Path, cmds: &[String]) -> (bool, String) {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(self.object_args())
+            .arg("--image-opts")
+            .arg(self.image_opts(image));
+        for c in cmds {
+            cmd.arg("-c").arg(c);
+        }
+        let out = cmd.output().expect("spawn qemu-io");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.success() && !text.contains("verification failed"),
+            text,
+        )
+    }
+
     fn object_args(&self) -> Vec<String> {
         self.objects
             .iter()
@@ -369,6 +391,7 @@ fn start_backend(
     image: &Path,
     socket: &Path,
     log: &Path,
+    once: bool,
 ) -> Reaped {
     let log_file = std::fs::File::create(log).expect("create backend log");
     let mut cmd = match backend {
@@ -381,7 +404,7 @@ fn start_backend(
                 .arg(image)
                 .arg("--num-queues")
                 .arg(QUEUES.to_string())
-                .arg("--once")
+                .args(once.then_some("--once"))
                 .args(&case.daemon_args)
                 .env(
                     "RUST_LOG",
@@ -482,6 +505,134 @@ fn parse_report(lines: &[String]) -> GuestReport {
         }
     }
     r
+}
+
+/// A temp dir for image and socket: /dev/shm (tmpfs) when there is one.
+fn temp_dir() -> tempfile::TempDir {
+    let base = if Path::new("/dev/shm").is_dir() {
+        Path::new("/dev/shm")
+    } else {
+        Path::new("/tmp")
+    };
+    tempfile::Builder::new()
+        .prefix("vuq-e2e-")
+        .tempdir_in(base)
+        .expect("temp dir")
+}
+
+/// Boots the guest twice against one backend process started without `--once`: the second
+/// QEMU must attach to the same socket and read what the first guest wrote. Then SIGTERM must
+/// make the backend exit 0 (our daemon also removes its socket).
+pub fn run_guest_reconnect(case: &ImageCase, backend: Backend) {
+    if let Gate::Skip(why) = gate(backend) {
+        eprintln!(
+            "SKIPPED e2e reconnect {} on {}: {why}",
+            case.name,
+            backend.name()
+        );
+        return;
+    }
+    let (kernel, initrd) = build_guest();
+    let dir = temp_dir();
+    let image = dir.path().join(format!("disk.{}", case.name));
+    let socket = dir.path().join("vhost.sock");
+    let log = dir.path().join("backend.log");
+    (case.create)(&image, DISK_SIZE)
+        .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
+    let mut daemon = start_backend(
+        backend,
+        case,
+        &case.format_opts,
+        &image,
+        &socket,
+        &log,
+        false,
+    );
+
+    let write = |byte: u8, offset: u64| {
+        format!(
+            "fio --name=w --filename=$DEV --direct=1 --rw=write --bs=1M --offset={offset} --size=4M \
+             --buffer_pattern={byte:#04x} --end_fsync=1 --output-format=terse >/tmp/fio.out 2>&1 \
+             || {{ cat /tmp/fio.out; exit 1; }}\n"
+        )
+    };
+    let scripts = [
+        write(0x11, 0),
+        format!("e2e_md5 first 0 {}\n{}", 4 * MIB, write(0x22, 4 * MIB)),
+    ];
+    let mut reports = Vec::new();
+    for (i, script) in scripts.iter().enumerate() {
+        let run = boot_guest(&kernel, &initrd, &socket, script).unwrap_or_else(|e| {
+            panic!(
+                "boot {}: {e}\n--- backend log tail:\n{}",
+                i + 1,
+                file_tail(&log, 30)
+            )
+        });
+        let report = parse_report(&run.serial);
+        if !run.status.success() || !report.passed {
+            let start = run.serial.len().saturating_sub(60);
+            panic!(
+                "boot {} failed (QEMU {}); serial log tail:\n{}\n--- backend log tail:\n{}",
+                i + 1,
+                run.status,
+                run.serial[start..].join("\n"),
+                file_tail(&log, 30)
+            );
+        }
+        assert!(
+            daemon.try_wait().is_none(),
+            "{} exited after QEMU disconnected although it was started without --once:\n{}",
+            backend.name(),
+            file_tail(&log, 30)
+        );
+        eprintln!(
+            "reconnect {} on {}: boot {} PASS in {:.1} s",
+            case.name,
+            backend.name(),
+            i + 1,
+            run.secs
+        );
+        reports.push(report);
+    }
+    let expect_first = md5_hex(&vec![0x11; 4 * 1024 * 1024]);
+    let first = reports[1]
+        .md5
+        .iter()
+        .find(|(n, _)| n == "first")
+        .map(|(_, h)| h.clone());
+    assert_eq!(
+        first,
+        Some(expect_first),
+        "the second guest did not read what the first one wrote"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{} ignored SIGTERM for 10 s", backend.name()));
+    assert!(
+        status.success(),
+        "{} exited with {status} on SIGTERM:\n{}",
+        backend.name(),
+        file_tail(&log, 30)
+    );
+    if backend == Backend::Daemon {
+        assert!(
+            !socket.exists(),
+            "the daemon left {} behind after SIGTERM",
+            socket.display()
+        );
+    }
+    let (ok, text) = case.qemu_io(
+        &image,
+        &[
+            format!("read -P 0x11 0 {}", 4 * MIB),
+            format!("read -P 0x22 {} {}", 4 * MIB, 4 * MIB),
+            format!("read -P 0 {} {}", 8 * MIB, DISK_SIZE - 8 * MIB),
+        ],
+    );
+    assert!(ok, "qemu-io checks after two guests failed:\n{text}");
 }
 
 /// One finished QEMU run.
@@ -632,40 +783,14 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
     let (kernel, initrd) = build_guest();
     let t_built = Instant::now();
 
-    let base = if Path::new("/dev/shm").is_dir() {
-        Path::new("/dev/shm")
-    } else {
-        Path::new("/tmp")
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("vuq-e2e-")
-        .tempdir_in(base)
-        .expect("temp dir");
+    let dir = temp_dir();
     let image = dir.path().join(format!("disk.{}", case.name));
     let socket = dir.path().join("vhost.sock");
     let backend_log = dir.path().join("backend.log");
     (case.create)(&image, DISK_SIZE)
         .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
 
-    let qemu_io = |cmds: &[String]| -> (bool, String) {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(case.object_args())
-            .arg("--image-opts")
-            .arg(case.image_opts(&image));
-        for c in cmds {
-            cmd.arg("-c").arg(c);
-        }
-        let out = cmd.output().expect("spawn qemu-io");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            out.status.success() && !text.contains("verification failed"),
-            text,
-        )
-    };
+    let qemu_io = |cmds: &[String]| case.qemu_io(&image, cmds);
     let (ok, text) = qemu_io(&[format!(
         "write -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"
     )]);
@@ -678,6 +803,7 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
         &image,
         &socket,
         &backend_log,
+        true,
     );
 
     let guest = boot_guest(&kernel, &initrd, &socket, &guest_script()).unwrap_or_else(|e| {
