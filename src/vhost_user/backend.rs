@@ -279,6 +279,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        log::debug!("SET_CONFIG offset {offset} len {}", buf.len());
         let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE);
         match (usize::try_from(offset), buf) {
             (Ok(WRITEBACK_OFFSET), [v]) if wce != 0 => {
@@ -298,10 +299,17 @@ impl VhostUserBackend for BlkBackend {
                 );
                 Ok(())
             }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "only the writeback byte is writable",
-            )),
+            _ => {
+                log::warn!(
+                    "refused SET_CONFIG of {} bytes at offset {offset} (CONFIG_WCE acked: {})",
+                    buf.len(),
+                    wce != 0
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "only the writeback byte is writable",
+                ))
+            }
         }
     }
 
