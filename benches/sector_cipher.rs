@@ -246,6 +246,26 @@ fn main() {
             ok
         })
         .collect();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    #[cfg(target_arch = "x86_64")]
+    let features = format!(
+        "aes={} vaes={} vpclmulqdq={} avx512f={}",
+        is_x86_feature_detected!("aes"),
+        is_x86_feature_detected!("vaes"),
+        is_x86_feature_detected!("vpclmulqdq"),
+        is_x86_feature_detected!("avx512f"),
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    let features = String::new();
+    println!("cpu: {model}; {features}");
     println!(
         "sector_cipher: MB/s per core (10^6 B per CPU-second of one thread), median of {reps} runs of >= {ms} ms CPU"
     );

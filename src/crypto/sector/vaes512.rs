@@ -585,14 +585,22 @@ unsafe fn ivs4<V: Lanes>(e: &Engine, keys: &Keys<V>, first: u64) -> [Block; 4] {
 #[inline(always)]
 unsafe fn xts<V: Lanes, const R: usize, const ENC: bool>(keys: &Keys<V>, job: &Job<'_>) {
     let k = &keys.data;
-    let mut tweaks = [[0u8; 16]; 4];
     let mut seed = [[0u8; 16]; 4];
+    // The sector tweaks are encrypted one group of four sectors ahead of their use.
+    // SAFETY: features enabled by the caller.
+    let mut tweaks = unsafe { ivs4(job.eng, keys, job.first) };
+    let mut next = tweaks;
     for i in 0..job.n {
         // SAFETY: (whole loop body) sector i lies within the n sectors the caller vouched for;
         // every vector access is 64 bytes at offset 64 * v < 512 of it; features enabled.
         unsafe {
             if i % 4 == 0 {
-                tweaks = ivs4(job.eng, keys, job.first.wrapping_add(i as u64));
+                if i > 0 {
+                    tweaks = next;
+                }
+                if i + 4 < job.n {
+                    next = ivs4(job.eng, keys, job.first.wrapping_add((i + 4) as u64));
+                }
             }
             let mut t = u128::from_le_bytes(tweaks[i % 4]);
             for lane in seed.iter_mut() {
@@ -624,6 +632,7 @@ unsafe fn xts<V: Lanes, const R: usize, const ENC: bool>(keys: &Keys<V>, job: &J
         }
     }
     tweaks.zeroize();
+    next.zeroize();
     seed.zeroize();
 }
 
