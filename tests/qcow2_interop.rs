@@ -285,6 +285,64 @@ const CASES: &[Case] = &[
         make: |i, d| compressed(i, d, "compression_type=zstd"),
     },
     Case {
+        name: "extended-l2",
+        make: |i, _| create(i, "extended_l2=on"),
+    },
+    Case {
+        name: "extended-l2-overlay",
+        make: |i, d| {
+            overlay(i, d, "qcow2");
+            let tmp = d.join("x.qcow2");
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "extended_l2=on,cluster_size=128k",
+                    "-b",
+                    "base.qcow2",
+                    "-F",
+                    "qcow2",
+                    tmp.to_str().expect("p"),
+                    "16M",
+                ],
+            );
+            qemu_io(
+                &tmp,
+                "qcow2",
+                &[
+                    "write -P 0x12 64k 4k",
+                    "write -z 2M 64k",
+                    "write -P 0x13 300k 8k",
+                ],
+            );
+            std::fs::rename(&tmp, i).expect("rename");
+        },
+    },
+    Case {
+        name: "data-file",
+        make: |i, d| {
+            let df = d.join("img.data");
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("data_file={}", df.display()),
+                    i.to_str().expect("p"),
+                    "16M",
+                ],
+            );
+            qemu_io(i, "qcow2", SEED);
+        },
+    },
+    Case {
         name: "overlay-on-qcow2",
         make: |i, d| overlay(i, d, "qcow2"),
     },
