@@ -623,7 +623,7 @@ impl Qcow2 {
         let e = *m.l1.get(l1i).ok_or(Error::TooLarge)?;
         let old = e & OFFSET_MASK;
         if old != 0 && e & COPIED != 0 {
-            m.load_l2(st, old, &self.geo)?;
+            self.ensure_l2_cached(m, old, pw)?;
             return Ok(old);
         }
         let table = if old == 0 {
@@ -652,6 +652,23 @@ impl Qcow2 {
         Ok(new)
     }
 
+    /// Makes sure the L2 table at `l2` is cached; if it was evicted during this request, reloads
+    /// it and replays the request's pending (not yet written) entries into it.
+    fn ensure_l2_cached(&self, m: &mut Meta, l2: u64, pw: &PtrWrites) -> Result<()> {
+        if m.l2.get_mut(l2).is_some() {
+            return Ok(());
+        }
+        m.load_l2(self.storage.as_ref(), l2, &self.geo)?;
+        let t = m.l2.get_mut(l2).ok_or(Error::BadOffset {
+            what: "L2 table",
+            offset: l2,
+        })?;
+        for (&off, &v) in pw.l2.range(l2..l2 + self.geo.cluster_size) {
+            t[to_usize((off - l2) / 8)?] = v;
+        }
+        Ok(())
+    }
+
     /// Sets L2 entry `l2i` (and its bitmap with extended L2) of the writable, cached table at
     /// `l2`, and queues the write.
     fn set_l2(
@@ -663,6 +680,7 @@ impl Qcow2 {
         bitmap: u64,
         pw: &mut PtrWrites,
     ) -> Result<()> {
+        self.ensure_l2_cached(m, l2, pw)?;
         let t = m.l2.get_mut(l2).ok_or(Error::BadOffset {
             what: "L2 table",
             offset: l2,
