@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::storage::{self, FileStorage, OpenFlags, Storage, StorageError};
 
+pub mod luks;
 pub mod qcow2;
 pub mod raw;
 
@@ -39,6 +40,10 @@ pub enum ImageError {
     BackingChain { path: String, reason: &'static str },
     #[error("{path}: unsupported backing format {format}")]
     BackingFormat { path: String, format: String },
+    #[error("LUKS")]
+    Luks(#[from] crate::crypto::luks::LuksError),
+    #[error("sector cipher")]
+    Cipher(#[from] crate::crypto::sector::SectorCipherError),
 }
 
 /// Result type of this module.

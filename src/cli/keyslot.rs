@@ -1,0 +1,251 @@
+//! `keyslot list|add|remove FILE`: LUKS keyslot management, the equivalent of QEMU's
+//! `qemu-img amend -o state=active|inactive,...` and cryptsetup's luksAddKey / luksKillSlot.
+//!
+//! Works on raw LUKS1 files. Passphrases come from `--key-secret-file F`, `--key-fd N` or a
+//! prompt on the terminal; never from argv. `remove` refuses to remove the last active slot.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::crypto::luks::{
+    self, keyslot::read_header, Iterations, LuksArea, LuksError, LuksHeader, LuksVolume,
+};
+use crate::crypto::secret::{KeySource, SecretError};
+use crate::storage::{FileStorage, OpenFlags, Storage, StorageError};
+
+/// Errors of `keyslot`.
+#[derive(Debug, Error)]
+pub enum KeyslotError {
+    #[error("cannot open {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: StorageError,
+    },
+    #[error("{path}")]
+    Luks {
+        path: String,
+        #[source]
+        source: LuksError,
+    },
+    #[error("passphrase")]
+    Secret(#[from] SecretError),
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
+}
+
+/// Where the passphrase that unlocks an existing slot comes from.
+#[derive(Debug, Args, Clone, Default)]
+pub struct KeyArgs {
+    /// Read the passphrase from this file (byte for byte, as QEMU's secret,file=F).
+    #[arg(long, value_name = "FILE")]
+    pub key_secret_file: Option<PathBuf>,
+    /// Read the passphrase from this inherited file descriptor, to its end.
+    #[arg(long, value_name = "N", conflicts_with = "key_secret_file")]
+    pub key_fd: Option<i32>,
+}
+
+impl KeyArgs {
+    /// The source these options name (a terminal prompt if none).
+    pub fn source(&self) -> KeySource {
+        KeySource::from_options(self.key_secret_file.as_deref(), self.key_fd)
+    }
+}
+
+/// Where the new passphrase comes from.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NewKeyArgs {
+    /// Read the new passphrase from this file.
+    #[arg(long, value_name = "FILE")]
+    pub new_key_secret_file: Option<PathBuf>,
+    /// Read the new passphrase from this inherited file descriptor.
+    #[arg(long, value_name = "N", conflicts_with = "new_key_secret_file")]
+    pub new_key_fd: Option<i32>,
+}
+
+/// Output formats of `list`.
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum OutputFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// `keyslot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyslotCommand {
+    /// Show the LUKS header and which keyslots are active (needs no passphrase).
+    List {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Add a passphrase in the first free keyslot.
+    Add {
+        file: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        #[command(flatten)]
+        new_key: NewKeyArgs,
+        /// PBKDF2 time for the new slot in milliseconds (as qemu-img's iter-time).
+        #[arg(long, value_name = "MS", default_value_t = luks::create::DEFAULT_ITER_TIME_MS)]
+        iter_time: u64,
+    },
+    /// Disable a keyslot and wipe its key material; refuses the last active one.
+    Remove {
+        file: PathBuf,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The slot to remove (default: the one the passphrase opens).
+        #[arg(long, value_name = "N")]
+        slot: Option<usize>,
+    },
+}
+
+/// `keyslot` arguments.
+#[derive(Debug, Args)]
+pub struct KeyslotArgs {
+    #[command(subcommand)]
+    pub command: KeyslotCommand,
+}
+
+fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotError> {
+    FileStorage::open(
+        path,
+        OpenFlags {
+            read_only,
+            direct: false,
+        },
+    )
+    .map_err(|source| KeyslotError::Open {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The LUKS area of an image file: the whole of a raw LUKS file.
+pub fn luks_area(storage: &dyn Storage) -> Result<LuksArea<'_>, LuksError> {
+    LuksArea::whole(storage)
+}
+
+fn luks_err(path: &Path) -> impl Fn(LuksError) -> KeyslotError + '_ {
+    move |source| KeyslotError::Luks {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A human or JSON description of a header.
+pub fn describe(h: &LuksHeader, format: OutputFormat) -> String {
+    let cipher = format!(
+        "{}-{}",
+        h.cipher_name().unwrap_or("?"),
+        h.cipher_mode().unwrap_or("?")
+    );
+    let slots: Vec<serde_json::Value> = h
+        .slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({
+                "slot": i,
+                "active": s.is_active(),
+                "iterations": s.iterations,
+                "key-offset": u64::from(s.key_offset) * 512,
+                "stripes": s.stripes,
+            })
+        })
+        .collect();
+    match format {
+        OutputFormat::Json => {
+            let v = serde_json::json!({
+                "format": "luks1",
+                "cipher": cipher,
+                "key-bits": u64::from(h.key_bytes) * 8,
+                "hash": h.hash_spec().unwrap_or("?"),
+                "payload-offset": h.payload_offset_bytes(),
+                "master-key-iterations": h.mk_iterations,
+                "uuid": h.uuid(),
+                "slots": slots,
+            });
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+        }
+        OutputFormat::Human => {
+            let mut s = format!(
+                "format: LUKS1\ncipher: {cipher} ({} bits)\nhash: {}\npayload offset: {}\n\
+                 master key iterations: {}\nuuid: {}\n",
+                u64::from(h.key_bytes) * 8,
+                h.hash_spec().unwrap_or("?"),
+                h.payload_offset_bytes(),
+                h.mk_iterations,
+                h.uuid()
+            );
+            for (i, sl) in h.slots.iter().enumerate() {
+                if sl.is_active() {
+                    s += &format!(
+                        "slot {i}: active, {} iterations, key material at {}\n",
+                        sl.iterations,
+                        u64::from(sl.key_offset) * 512
+                    );
+                } else {
+                    s += &format!("slot {i}: inactive\n");
+                }
+            }
+            s
+        }
+    }
+}
+
+/// Runs `keyslot`, writing any output to `out`.
+pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError> {
+    match args.command {
+        KeyslotCommand::List { file, output } => {
+            let st = open_storage(&file, true)?;
+            let area = luks_area(&st).map_err(luks_err(&file))?;
+            let h = read_header(&area).map_err(luks_err(&file))?;
+            out.write_all(describe(&h, output).as_bytes())
+                .map_err(KeyslotError::Output)?;
+        }
+        KeyslotCommand::Add {
+            file,
+            key,
+            new_key,
+            iter_time,
+        } => {
+            let st = open_storage(&file, false)?;
+            let area = luks_area(&st).map_err(luks_err(&file))?;
+            let pass = key
+                .source()
+                .read("Passphrase of an existing slot: ", false)?;
+            let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;
+            drop(pass);
+            let new =
+                KeySource::from_options(new_key.new_key_secret_file.as_deref(), new_key.new_key_fd)
+                    .read("New passphrase: ", true)?;
+            let slot = vol
+                .add_key(&area, &new, Iterations::TimeMs(iter_time.max(1)))
+                .map_err(luks_err(&file))?;
+            writeln!(out, "added keyslot {slot}").map_err(KeyslotError::Output)?;
+        }
+        KeyslotCommand::Remove { file, key, slot } => {
+            let st = open_storage(&file, false)?;
+            let area = luks_area(&st).map_err(luks_err(&file))?;
+            let pass = key.source().read("Passphrase: ", false)?;
+            let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;
+            let slot = slot.or(vol.unlocked_slot()).unwrap_or(0);
+            vol.remove_key(&area, slot).map_err(luks_err(&file))?;
+            writeln!(out, "removed keyslot {slot}").map_err(KeyslotError::Output)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `keyslot`, printing to stdout.
+pub fn run(args: KeyslotArgs) -> Result<(), KeyslotError> {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    run_to(args, &mut lock)
+}
