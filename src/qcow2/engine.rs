@@ -899,8 +899,15 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta_w();
+        // Everything completed so far is in the page cache: sync it without blocking I/O.
+        if let Some(d) = &self.data {
+            d.sync()?;
+        }
         self.storage.sync()?;
+        if self.meta_r().pending_frees.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.meta_w();
         if !m.pending_frees.is_empty() {
             self.apply_frees(&mut m)?;
             self.storage.sync()?;
