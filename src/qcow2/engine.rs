@@ -62,6 +62,10 @@ thread_local! {
     static BOUNCE: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Size of the data-cluster reserve pool: at most this many clusters / bytes.
+const POOL_CLUSTERS: u64 = 64;
+const POOL_BYTES: u64 = 4 << 20;
+
 /// Limit of pending frees before a write forces a barrier.
 const MAX_PENDING_FREES: usize = 4096;
 
@@ -235,6 +239,7 @@ impl Qcow2 {
             l2: L2Cache::new(cap),
             rc,
             pending_frees: Vec::new(),
+            pool: (0, 0),
             written: false,
         };
         let mut img = Self {
@@ -741,6 +746,32 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// A data cluster from the reserve pool. The pool's refcounts are made durable when it is
+    /// refilled (one sync per pool, not per write), so pointing an L2 entry at a pool cluster
+    /// needs no barrier. A crash leaks the unused rest of the pool at worst.
+    fn alloc_data_cluster(&self, m: &mut Meta) -> Result<u64> {
+        let cs = self.geo.cluster_size;
+        if m.pool.0 >= m.pool.1 {
+            let n = (POOL_BYTES / cs).clamp(1, POOL_CLUSTERS);
+            let first = m.rc.alloc(self.storage.as_ref(), n)?;
+            self.storage.sync()?;
+            m.pool = (first, first + n * cs);
+        }
+        let c = m.pool.0;
+        m.pool.0 += cs;
+        Ok(c)
+    }
+
+    /// Returns the unused pool clusters (on close).
+    fn release_pool(&self, m: &mut Meta) -> Result<()> {
+        let (a, b) = m.pool;
+        m.pool = (0, 0);
+        if a < b {
+            m.rc.free(self.storage.as_ref(), a, b - a)?;
+        }
+        Ok(())
+    }
+
     fn write_slow(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
         let mut guard = self.meta_w();
         let m = &mut *guard;
@@ -778,9 +809,8 @@ impl Qcow2 {
             let new = if self.geo.data_file {
                 gc_off
             } else {
-                m.rc.alloc(st, 1)?
+                self.alloc_data_cluster(m)?
             };
-            pw.need_sync = true;
             let mut new_bitmap = 0;
             if n == cs && self.crypt.is_none() {
                 self.data_st().writev_at(&src, new)?;
@@ -1069,6 +1099,12 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        if !self.read_only {
+            let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.release_pool(&mut m) {
+                log::warn!("releasing reserved clusters on close failed: {e}");
+            }
+        }
         if let Err(e) = self.flush() {
             log::warn!("flush on close failed: {e}");
         }

@@ -181,6 +181,8 @@ pub struct Meta {
     pub pending_frees: Vec<(u64, u64)>,
     /// Whether the first-write header update (autoclear bits) was done.
     pub written: bool,
+    /// Reserved data clusters (refcount 1, durable, not yet referenced): `pool.0..pool.1`.
+    pub pool: (u64, u64),
 }
 
 /// Result of a lookup under the read lock.
