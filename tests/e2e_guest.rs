@@ -69,3 +69,49 @@ fn script_encoding_matches_coreutils_base64() {
         );
     }
 }
+
+/// A qcow2 overlay (64 KiB clusters) on a qcow2 base that QEMU pre-filled: the guest's I/O goes
+/// through allocation, copy-up from the backing file and the L2 cache; `qemu-img check` runs on
+/// the overlay afterwards.
+fn qcow2_overlay_case() -> ImageCase {
+    ImageCase {
+        name: "qcow2-overlay",
+        format_opts: "driver=qcow2".to_owned(),
+        objects: Vec::new(),
+        daemon_args: Vec::new(),
+        create: Box::new(|path, size| {
+            let base = path.with_extension("base.qcow2");
+            let run = |cmd: &str, args: &[&str]| -> Result<(), String> {
+                let out = std::process::Command::new(cmd)
+                    .args(args)
+                    .output()
+                    .map_err(|e| format!("spawn {cmd}: {e}"))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{cmd} {args:?}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                }
+            };
+            let size = size.to_string();
+            let b = base.to_str().ok_or("path")?;
+            let p = path.to_str().ok_or("path")?;
+            run("qemu-img", &["create", "-q", "-f", "qcow2", b, &size])?;
+            run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5e 0 8M", b])?;
+            run(
+                "qemu-img",
+                &[
+                    "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", p, &size,
+                ],
+            )
+        }),
+        qemu_img_check: true,
+    }
+}
+
+#[test]
+fn qcow2_overlay_guest_fio_verify_via_daemon() {
+    run_guest_fio(&qcow2_overlay_case(), Backend::Daemon);
+}
