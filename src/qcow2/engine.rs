@@ -738,9 +738,27 @@ impl Qcow2 {
         }
         self.storage.sync()?;
         let frees = std::mem::take(&mut m.pending_frees);
+        let mut freed = Vec::new();
         for (off, len) in frees {
-            if let Err(e) = m.rc.free(self.storage.as_ref(), off, len) {
+            if let Err(e) = m.rc.free(self.storage.as_ref(), off, len, &mut freed) {
                 log::warn!("cannot free cluster at {off:#x}: {e}");
+            }
+        }
+        // Give the space of clusters nobody references back to the file system (as QEMU does
+        // with discard=unmap); every reuse rewrites a cluster in full.
+        freed.sort_unstable();
+        let cs = self.geo.cluster_size;
+        let mut i = 0;
+        while i < freed.len() {
+            let start = freed[i];
+            let mut end = start + cs;
+            i += 1;
+            while i < freed.len() && freed[i] == end {
+                end += cs;
+                i += 1;
+            }
+            if let Err(e) = self.storage.punch_hole(start, end - start) {
+                log::debug!("cannot punch a hole at {start:#x}: {e}");
             }
         }
         Ok(())
@@ -767,7 +785,7 @@ impl Qcow2 {
         let (a, b) = m.pool;
         m.pool = (0, 0);
         if a < b {
-            m.rc.free(self.storage.as_ref(), a, b - a)?;
+            m.rc.free(self.storage.as_ref(), a, b - a, &mut Vec::new())?;
         }
         Ok(())
     }
