@@ -202,12 +202,27 @@ fn open_chain(
         Format::Qcow2 => {
             let probe = crate::qcow2::probe(&storage)?;
             let backing = open_backing(path, &probe.header, opts, chain)?;
-            Ok(Box::new(open_qcow2(
+            let data = match &probe.header.data_file {
+                None => None,
+                Some(name) => Some(Box::new(FileStorage::open(
+                    &resolve_backing(path, name),
+                    OpenFlags {
+                        read_only: opts.read_only,
+                        direct: opts.direct,
+                    },
+                )?) as Box<dyn Storage>),
+            };
+            let q = crate::qcow2::Qcow2::open_with_data_file(
                 Box::new(storage),
-                opts,
+                data,
+                &crate::qcow2::Qcow2Options {
+                    read_only: opts.read_only,
+                    ..Default::default()
+                },
                 backing,
                 None,
-            )?))
+            )?;
+            Ok(Box::new(qcow2::Qcow2Image::new(q)))
         }
     }
 }
