@@ -79,3 +79,35 @@ fn list_add_remove_round_trip_with_qemu() {
     assert!(chain(&e).contains("last active"), "{}", chain(&e));
     assert_eq!(std::fs::read(&f).expect("read"), before);
 }
+
+#[test]
+fn qemu_info_json_matches_qemu_img_info_for_raw_luks() {
+    use vhost_user_qcow2::cli::keyslot::qemu_info_json;
+    use vhost_user_qcow2::crypto::luks::{keyslot::read_header, LuksArea};
+    use vhost_user_qcow2::storage::{FileStorage, OpenFlags};
+    let dir = tempfile::tempdir().expect("tmp");
+    for (i, opts) in [
+        "",
+        "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let f = dir.path().join(format!("i{i}.luks"));
+        qemu_create(&f, "pw", opts, "64K");
+        let out = run(std::process::Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&f));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        let st = FileStorage::open(
+            &f,
+            OpenFlags {
+                read_only: true,
+                direct: false,
+            },
+        )
+        .expect("open");
+        let h = read_header(&LuksArea::whole(&st).expect("area")).expect("header");
+        assert_eq!(qemu_info_json(&h), v["format-specific"]["data"], "{opts}");
+    }
+}
