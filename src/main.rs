@@ -1,7 +1,16 @@
-//! Command-line entry point. Everything but argument parsing lives in the library.
+//! Command-line entry point: parse arguments, set up logging, map the result to an exit code.
+
+use clap::Parser;
+use vhost_user_qcow2::cli;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    eprintln!("vhost-user-qcow2: no subcommand implemented yet");
-    std::process::exit(1);
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vhost-user-qcow2: {}", cli::error_chain(&e));
+            std::process::exit(1);
+        }
+    }
 }

@@ -6,13 +6,15 @@
 //! answer [`ImageError::OutOfRange`] rather than trusting them.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use thiserror::Error;
 
 use crate::storage::{self, FileStorage, OpenFlags, Storage, StorageError};
 
 pub mod luks;
+pub mod qcow2;
 pub mod raw;
 
 /// Errors of the image layer.
@@ -30,6 +32,14 @@ pub enum ImageError {
     Unsupported,
     #[error("storage")]
     Storage(#[from] StorageError),
+    #[error("qcow2")]
+    Qcow2(#[from] crate::qcow2::Error),
+    #[error("{path}: has backing file {backing} but backing files are denied")]
+    BackingDenied { path: String, backing: String },
+    #[error("{path}: backing chain {reason}")]
+    BackingChain { path: String, reason: &'static str },
+    #[error("{path}: unsupported backing format {format}")]
+    BackingFormat { path: String, format: String },
     #[error("LUKS")]
     Luks(#[from] crate::crypto::luks::LuksError),
     #[error("sector cipher")]
@@ -78,6 +88,40 @@ pub fn iov_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
+/// Image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// From a qemu-img format name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+/// Whether backing files may be opened (QEMU opens them; a hostile image can name any file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    #[default]
+    Allow,
+    Deny,
+}
+
 /// Options for [`open`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -85,10 +129,60 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Use O_DIRECT on the image file.
     pub direct: bool,
+    /// The format; detected from the magic when `None`.
+    pub format: Option<Format>,
+    /// Whether backing files are opened.
+    pub backing: BackingPolicy,
 }
 
-/// Opens an image file as a [`BlockImage`].
+/// Deepest backing chain accepted.
+pub const MAX_BACKING_DEPTH: usize = 16;
+
+/// Detects the format of an open file: qcow2 magic, else raw.
+pub fn detect_format(storage: &dyn Storage) -> Result<Format> {
+    Ok(if crate::qcow2::is_qcow2(storage)? {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Opens an image file as a [`BlockImage`], with its backing chain.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
+    let mut chain = Vec::new();
+    open_chain(path, opts, &mut chain)
+}
+
+/// Resolves a backing file name as QEMU does: absolute, or relative to the overlay's directory.
+pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        overlay.parent().unwrap_or(Path::new("")).join(p)
+    }
+}
+
+fn open_chain(
+    path: &Path,
+    opts: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Box<dyn BlockImage>> {
+    let shown = path.display().to_string();
+    if chain.len() > MAX_BACKING_DEPTH {
+        return Err(ImageError::BackingChain {
+            path: shown,
+            reason: "is deeper than 16",
+        });
+    }
+    let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if chain.contains(&canon) {
+        return Err(ImageError::BackingChain {
+            path: shown,
+            reason: "has a loop",
+        });
+    }
+    chain.push(canon);
     let storage = FileStorage::open(
         path,
         OpenFlags {
@@ -96,10 +190,80 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
             direct: opts.direct,
         },
     )?;
-    Ok(Box::new(raw::RawImage::new(
-        Box::new(storage) as Box<dyn Storage>,
-        opts.read_only,
-    )?))
+    let format = match opts.format {
+        Some(f) => f,
+        None => detect_format(&storage)?,
+    };
+    match format {
+        Format::Raw => Ok(Box::new(raw::RawImage::new(
+            Box::new(storage) as Box<dyn Storage>,
+            opts.read_only,
+        )?)),
+        Format::Qcow2 => {
+            let probe = crate::qcow2::probe(&storage)?;
+            let backing = open_backing(path, &probe.header, opts, chain)?;
+            Ok(Box::new(open_qcow2(
+                Box::new(storage),
+                opts,
+                backing,
+                None,
+            )?))
+        }
+    }
+}
+
+/// Opens the backing file a qcow2 header names (read-only), if any.
+pub fn open_backing(
+    path: &Path,
+    header: &crate::qcow2::Header,
+    opts: &OpenOptions,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Option<Box<dyn crate::qcow2::BackingRead>>> {
+    let Some(name) = &header.backing_file else {
+        return Ok(None);
+    };
+    if opts.backing == BackingPolicy::Deny {
+        return Err(ImageError::BackingDenied {
+            path: path.display().to_string(),
+            backing: name.clone(),
+        });
+    }
+    let format = match header.backing_format.as_deref() {
+        None => None,
+        Some(f) => Some(
+            Format::from_name(f).ok_or_else(|| ImageError::BackingFormat {
+                path: path.display().to_string(),
+                format: f.to_string(),
+            })?,
+        ),
+    };
+    let bopts = OpenOptions {
+        read_only: true,
+        direct: opts.direct,
+        format,
+        backing: opts.backing,
+    };
+    let b = open_chain(&resolve_backing(path, name), &bopts, chain)?;
+    Ok(Some(Box::new(qcow2::BackingImage(b))))
+}
+
+/// Opens a qcow2 image over `storage`; `crypt` is the LUKS/AES layer's decryptor, if any.
+pub fn open_qcow2(
+    storage: Box<dyn Storage>,
+    opts: &OpenOptions,
+    backing: Option<Box<dyn crate::qcow2::BackingRead>>,
+    crypt: Option<Arc<dyn crate::qcow2::ClusterCrypt>>,
+) -> Result<qcow2::Qcow2Image> {
+    let q = crate::qcow2::Qcow2::open(
+        storage,
+        &crate::qcow2::Qcow2Options {
+            read_only: opts.read_only,
+            ..Default::default()
+        },
+        backing,
+        crypt,
+    )?;
+    Ok(qcow2::Qcow2Image::new(q))
 }
 
 #[doc(hidden)]

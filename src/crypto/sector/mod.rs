@@ -21,9 +21,14 @@
 
 mod error;
 mod portable;
+mod soft;
+#[cfg(target_arch = "x86_64")]
+mod vaes512;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_openssl;
 
 use std::fmt;
 
@@ -230,8 +235,7 @@ impl EnginePath {
     pub fn is_available(self) -> bool {
         match self {
             EnginePath::Vaes512 => vaes512_available(),
-            EnginePath::Soft => false,
-            EnginePath::Auto | EnginePath::Portable => true,
+            EnginePath::Auto | EnginePath::Portable | EnginePath::Soft => true,
         }
     }
 }
@@ -242,12 +246,21 @@ impl fmt::Display for EnginePath {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+fn vaes512_available() -> bool {
+    vaes512::available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 fn vaes512_available() -> bool {
     false
 }
 
 enum Engine {
-    Portable(portable::Engine<portable::HwAes>),
+    #[cfg(target_arch = "x86_64")]
+    Vaes512(Box<vaes512::Engine>),
+    Portable(Box<portable::Engine<portable::HwAes>>),
+    Soft(Box<portable::Engine<soft::SoftAes>>),
 }
 
 /// Encrypts and decrypts runs of 512-byte sectors with one key.
@@ -301,17 +314,36 @@ impl SectorCipher {
             p => p,
         };
         let engine = match path {
-            EnginePath::Vaes512 | EnginePath::Soft => {
-                return Err(SectorCipherError::PathUnavailable { path })
+            #[cfg(target_arch = "x86_64")]
+            EnginePath::Vaes512 if vaes512::available() => {
+                Engine::Vaes512(Box::new(vaes512::Engine::new(spec, key)?))
             }
+            EnginePath::Vaes512 => return Err(SectorCipherError::PathUnavailable { path }),
+            EnginePath::Soft => Engine::Soft(Box::new(portable::Engine::new(spec, key)?)),
             EnginePath::Auto | EnginePath::Portable => {
-                Engine::Portable(portable::Engine::new(spec, key)?)
+                Engine::Portable(Box::new(portable::Engine::new(spec, key)?))
             }
         };
         let path = match engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(_) => EnginePath::Vaes512,
             Engine::Portable(_) => EnginePath::Portable,
+            Engine::Soft(_) => EnginePath::Soft,
         };
         Ok(SectorCipher { spec, path, engine })
+    }
+
+    /// The fused kernel run on four xmm registers with AES-NI instead of one zmm register, so
+    /// that its logic is tested on CPUs without VAES. Reports path `Vaes512`.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    fn vaes_kernel_on_xmm(spec: CipherSpec, key: &[u8]) -> Option<Self> {
+        spec.validate().ok()?;
+        let engine = vaes512::Engine::new_x4(spec, key)?;
+        Some(SectorCipher {
+            spec,
+            path: EnginePath::Vaes512,
+            engine: Engine::Vaes512(Box::new(engine)),
+        })
     }
 
     /// The cipher spec.
@@ -333,7 +365,10 @@ impl SectorCipher {
     ) -> Result<(), SectorCipherError> {
         check_len(buf.len())?;
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) => e.encrypt(None, buf, first_sector),
             Engine::Portable(e) => e.encrypt(None, buf, first_sector),
+            Engine::Soft(e) => e.encrypt(None, buf, first_sector),
         }
         Ok(())
     }
@@ -346,7 +381,10 @@ impl SectorCipher {
     ) -> Result<(), SectorCipherError> {
         check_len(buf.len())?;
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) => e.decrypt(buf, first_sector),
             Engine::Portable(e) => e.decrypt(buf, first_sector),
+            Engine::Soft(e) => e.decrypt(buf, first_sector),
         }
         Ok(())
     }
@@ -366,7 +404,10 @@ impl SectorCipher {
         }
         check_len(src.len())?;
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) => e.encrypt(Some(src), dst, first_sector),
             Engine::Portable(e) => e.encrypt(Some(src), dst, first_sector),
+            Engine::Soft(e) => e.encrypt(Some(src), dst, first_sector),
         }
         Ok(())
     }

@@ -1,0 +1,189 @@
+//! `vhost-user-qcow2 info`: image facts, as `qemu-img info` (JSON field names included).
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use super::tools::{OutputFormat, ToolError};
+use crate::image::{self, Format};
+use crate::qcow2::Header;
+use crate::storage::{FileStorage, OpenFlags};
+
+/// Arguments of `info`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InfoArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+    /// Image format (detected when not given).
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
+    /// The image file.
+    pub file: PathBuf,
+}
+
+/// The facts `qemu-img info --output=json` reports, under its field names.
+pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError> {
+    let st = FileStorage::open(
+        path,
+        OpenFlags {
+            read_only: true,
+            direct: false,
+        },
+    )?;
+    let format = match format {
+        Some(f) => f,
+        None => image::detect_format(&st)?,
+    };
+    let meta = std::fs::metadata(path)?;
+    let mut v = Map::new();
+    v.insert("filename".into(), json!(path.display().to_string()));
+    v.insert("format".into(), json!(format.name()));
+    v.insert("actual-size".into(), json!(meta.blocks() * 512));
+    match format {
+        Format::Raw => {
+            v.insert("virtual-size".into(), json!(meta.len()));
+            v.insert("dirty-flag".into(), json!(false));
+        }
+        Format::Qcow2 => {
+            let h = Header::read(&st)?;
+            v.insert("virtual-size".into(), json!(h.size));
+            v.insert("cluster-size".into(), json!(h.cluster_size()));
+            v.insert("dirty-flag".into(), json!(h.is_dirty()));
+            if h.crypt_method != 0 {
+                v.insert("encrypted".into(), json!(true));
+            }
+            let mut data = Map::new();
+            data.insert(
+                "compat".into(),
+                json!(if h.version >= 3 { "1.1" } else { "0.10" }),
+            );
+            if h.version >= 3 {
+                data.insert(
+                    "compression-type".into(),
+                    json!(if h.compression_type == 1 {
+                        "zstd"
+                    } else {
+                        "zlib"
+                    }),
+                );
+                data.insert(
+                    "lazy-refcounts".into(),
+                    json!(h.compatible & crate::qcow2::header::COMPAT_LAZY_REFCOUNTS != 0),
+                );
+                data.insert("corrupt".into(), json!(h.is_corrupt()));
+                data.insert("extended-l2".into(), json!(h.extended_l2()));
+            } else {
+                data.insert("compression-type".into(), json!("zlib"));
+            }
+            data.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
+            match h.crypt_method {
+                1 => {
+                    data.insert("encrypt".into(), json!({"format": "aes"}));
+                }
+                2 => {
+                    data.insert("encrypt".into(), json!({"format": "luks"}));
+                }
+                _ => {}
+            }
+            if let Some(df) = &h.data_file {
+                data.insert("data-file".into(), json!(df));
+            }
+            v.insert(
+                "format-specific".into(),
+                json!({"type": "qcow2", "data": Value::Object(data)}),
+            );
+            if let Some(b) = &h.backing_file {
+                v.insert("backing-filename".into(), json!(b));
+                v.insert(
+                    "full-backing-filename".into(),
+                    json!(image::resolve_backing(path, b).display().to_string()),
+                );
+                if let Some(f) = &h.backing_format {
+                    v.insert("backing-filename-format".into(), json!(f));
+                }
+            }
+        }
+    }
+    Ok(Value::Object(v))
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut u = 0;
+    let mut whole = n;
+    while whole >= 1024 && u + 1 < UNITS.len() {
+        whole /= 1024;
+        u += 1;
+    }
+    if u == 0 {
+        return format!("{n} B");
+    }
+    let div = 1u64 << (10 * u);
+    let tenths = (n % div) * 10 / div;
+    if tenths == 0 {
+        format!("{whole} {}", UNITS[u])
+    } else {
+        format!("{whole}.{tenths} {}", UNITS[u])
+    }
+}
+
+/// Runs `info`; returns the exit code.
+pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
+    let format = match args.format.as_deref() {
+        None => None,
+        Some(f) => Some(
+            Format::from_name(f).ok_or(ToolError::BadArgument("format must be raw or qcow2"))?,
+        ),
+    };
+    let v = info_json(&args.file, format)?;
+    if args.output == OutputFormat::Json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(0);
+    }
+    let get = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+    let num = |k: &str| get(k).as_u64().unwrap_or(0);
+    writeln!(out, "image: {}", args.file.display())?;
+    writeln!(out, "file format: {}", get("format").as_str().unwrap_or(""))?;
+    let vs = num("virtual-size");
+    writeln!(out, "virtual size: {} ({vs} bytes)", human_size(vs))?;
+    writeln!(out, "disk size: {}", human_size(num("actual-size")))?;
+    if let Some(cs) = v.get("cluster-size").and_then(Value::as_u64) {
+        writeln!(out, "cluster_size: {cs}")?;
+    }
+    if let Some(b) = v.get("backing-filename").and_then(Value::as_str) {
+        let full = get("full-backing-filename");
+        writeln!(
+            out,
+            "backing file: {b} (actual path: {})",
+            full.as_str().unwrap_or(b)
+        )?;
+        if let Some(f) = v.get("backing-filename-format").and_then(Value::as_str) {
+            writeln!(out, "backing file format: {f}")?;
+        }
+    }
+    if v.get("encrypted").is_some() {
+        writeln!(out, "encrypted: yes")?;
+    }
+    if let Some(data) = v
+        .pointer("/format-specific/data")
+        .and_then(Value::as_object)
+    {
+        writeln!(out, "Format specific information:")?;
+        for (k, val) in data {
+            let shown = match val {
+                Value::String(s) => s.clone(),
+                Value::Object(o) => o
+                    .get("format")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                other => other.to_string(),
+            };
+            writeln!(out, "    {}: {shown}", k.replace('-', " "))?;
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,332 @@
+//! `serve`: export an image over a vhost-user-blk socket.
+//!
+//! Follows the "backend program conventions" of QEMU's docs/interop/vhost-user.rst:
+//! `--socket-path PATH` or `--fd N` (an inherited listening socket), `--print-capabilities`
+//! (JSON on stdout), `--blk-file` (alias of `--image`) and `--read-only`.
+
+use std::fs;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use thiserror::Error;
+
+use crate::image::{self, BlockImage, ImageError, OpenOptions};
+use crate::vhost_user::backend::{BackendError, BlkOptions};
+use crate::vhost_user::{self, DaemonError};
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen on this Unix socket path (created; a stale socket file is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd",
+          required_unless_present_any = ["fd", "print_capabilities"])]
+    pub socket_path: Option<PathBuf>,
+    /// Use this inherited, already listening Unix socket file descriptor.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// The disk image to serve.
+    #[arg(
+        long,
+        alias = "blk-file",
+        value_name = "FILE",
+        required_unless_present = "print_capabilities"
+    )]
+    pub image: Option<PathBuf>,
+    /// Image format: raw or qcow2 (default: detect from the magic).
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// Whether a qcow2 image may open its backing files (as QEMU does by default).
+    #[arg(long, value_name = "allow|deny", default_value = "allow", value_parser = ["allow", "deny"])]
+    pub backing: String,
+    /// Export read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Number of request queues (one worker thread each). QEMU's num-queues must not exceed it.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub num_queues: u16,
+    /// Maximum queue size (power of two, at most 1024); seg_max is this minus 2.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// Logical block size reported to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512,
+          value_parser = parse_block_size)]
+    pub logical_block_size: u32,
+    /// Serial number returned by GET_ID (at most 20 bytes are used).
+    #[arg(long, value_name = "ID", default_value = "")]
+    pub serial: String,
+    /// Open the image with O_DIRECT (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+    /// Exit after the first frontend disconnects instead of waiting for the next one.
+    #[arg(long)]
+    pub once: bool,
+    /// Print the backend capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err("must be 512 or 4096".to_owned()),
+    }
+}
+
+/// Errors of `serve`.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot open image {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: ImageError,
+    },
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("image format {0:?} is not supported")]
+    Format(String),
+    #[error("socket {0} is already in use by a running server")]
+    SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--fd {fd} is not a listening Unix socket")]
+    BadFd {
+        fd: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid options")]
+    Options(#[source] BackendError),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+/// `{"type":"block","features":[...]}` as vhost-user.rst asks.
+pub fn capabilities() -> serde_json::Value {
+    serde_json::json!({ "type": "block", "features": ["read-only", "blk-file"] })
+}
+
+/// Runs `serve`.
+pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+    if args.print_capabilities {
+        println!("{}", capabilities());
+        return Ok(());
+    }
+    let image_path = args.image.as_ref().ok_or(ServeError::Missing("--image"))?;
+    let format = match args.format.as_deref() {
+        None => None,
+        Some(f) => {
+            Some(image::Format::from_name(f).ok_or_else(|| ServeError::Format(f.to_owned()))?)
+        }
+    };
+    let backing = if args.backing == "deny" {
+        image::BackingPolicy::Deny
+    } else {
+        image::BackingPolicy::Allow
+    };
+    let opts = BlkOptions {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        logical_block_size: args.logical_block_size,
+        serial: args.serial.clone(),
+    };
+
+    // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
+    // the signal thread receives them.
+    let sigset = block_signals().map_err(ServeError::Signals)?;
+
+    // Open the image first: a missing image must not leave a socket behind.
+    let image: Arc<dyn BlockImage> = Arc::from(
+        image::open(
+            image_path,
+            &OpenOptions {
+                read_only: args.read_only,
+                direct: args.direct,
+                format,
+                backing,
+            },
+        )
+        .map_err(|source| ServeError::Open {
+            path: image_path.clone(),
+            source,
+        })?,
+    );
+    // Validate the options against the image before creating the socket.
+    let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
+    crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
+        .map_err(ServeError::Options)?;
+
+    let (listener, guard) = match (&args.socket_path, args.fd) {
+        (Some(path), _) => {
+            let l = listen(path)?;
+            (l, SocketGuard(Some(path.clone())))
+        }
+        (None, Some(fd)) => (inherited_listener(fd)?, SocketGuard(None)),
+        (None, None) => return Err(ServeError::Missing("--socket-path or --fd")),
+    };
+    log::info!(
+        "serving {} ({} bytes{}) on {}",
+        image_path.display(),
+        image.capacity(),
+        if image.read_only() { ", read-only" } else { "" },
+        guard.0.as_ref().map_or_else(
+            || format!("fd {}", args.fd.unwrap_or(-1)),
+            |p| p.display().to_string()
+        )
+    );
+
+    spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
+    let r = vhost_user::serve(listener, image, &opts, args.once);
+    drop(guard);
+    Ok(r?)
+}
+
+/// Removes the socket file we created when dropped.
+struct SocketGuard(Option<PathBuf>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
+fn listen(path: &Path) -> Result<UnixListener, ServeError> {
+    let listen_err = |source| ServeError::Listen {
+        path: path.to_owned(),
+        source,
+    };
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let meta = fs::symlink_metadata(path).map_err(listen_err)?;
+            if !meta.file_type().is_socket() {
+                return Err(ServeError::NotASocket(path.to_owned()));
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => Err(ServeError::SocketInUse(path.to_owned())),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    log::info!("removing stale socket {}", path.display());
+                    fs::remove_file(path).map_err(listen_err)?;
+                    UnixListener::bind(path).map_err(listen_err)
+                }
+                Err(e) => Err(listen_err(e)),
+            }
+        }
+        Err(e) => Err(listen_err(e)),
+    }
+}
+
+/// Takes over an inherited listening Unix socket.
+fn inherited_listener(fd: i32) -> Result<UnixListener, ServeError> {
+    let bad = |source| ServeError::BadFd { fd, source };
+    let getopt = |opt: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, a local c_int; an invalid or
+        // non-socket fd makes it fail with EBADF/ENOTSOCK without side effects.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&raw mut v).cast::<libc::c_void>(),
+                &raw mut len,
+            )
+        };
+        if r == 0 {
+            Ok(v)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    if fd < 0 {
+        return Err(bad(io::Error::from_raw_os_error(libc::EBADF)));
+    }
+    if getopt(libc::SO_DOMAIN).map_err(bad)? != libc::AF_UNIX {
+        return Err(bad(io::Error::other("not a Unix domain socket")));
+    }
+    if getopt(libc::SO_ACCEPTCONN).map_err(bad)? == 0 {
+        return Err(bad(io::Error::other("socket is not listening")));
+    }
+    // SAFETY: `fd` is an open, listening AF_UNIX socket (checked above) that the caller handed
+    // to us on the command line; we become its only owner.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+}
+
+fn termination_set() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t; SIGTERM/SIGINT are valid signals.
+    let r = unsafe {
+        libc::sigemptyset(&raw mut set)
+            | libc::sigaddset(&raw mut set, libc::SIGTERM)
+            | libc::sigaddset(&raw mut set, libc::SIGINT)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(set)
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and threads it spawns later).
+fn block_signals() -> io::Result<libc::sigset_t> {
+    let set = termination_set()?;
+    // SAFETY: `set` is initialised; pthread_sigmask only changes this thread's signal mask.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(set)
+}
+
+/// On SIGTERM/SIGINT: flush the image, remove the socket, exit 0 (1 if the flush failed).
+fn spawn_signal_thread(
+    set: libc::sigset_t,
+    image: Arc<dyn BlockImage>,
+    socket: Option<PathBuf>,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            loop {
+                // SAFETY: `set` is an initialised sigset with the signals blocked in every thread;
+                // sigwait writes the received signal number into the local `sig`.
+                let r = unsafe { libc::sigwait(&raw const set, &raw mut sig) };
+                if r == 0 {
+                    break;
+                }
+            }
+            log::info!("signal {sig} received: flushing and exiting");
+            let code = match image.flush() {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vhost-user-qcow2: flush failed: {}", super::error_chain(&e));
+                    1
+                }
+            };
+            if let Some(p) = socket {
+                let _ = fs::remove_file(p);
+            }
+            std::process::exit(code);
+        })?;
+    Ok(())
+}

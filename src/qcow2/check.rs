@@ -1,0 +1,521 @@
+//! Consistency check and repair, counting as `qemu-img check` does (block/qcow2-refcount.c
+//! `qcow2_check_refcounts`): every reference from the header, L1/L2 tables (active and
+//! snapshots), snapshot table, refcount structures, encryption header and bitmaps is counted and
+//! compared with the stored refcounts. More stored than referenced is a leak; less is a corruption.
+
+use serde::Serialize;
+
+use super::alloc::{Refcounts, RT_OFFSET_MASK};
+use super::engine::read_l1;
+use super::header::{Header, AUTOCLEAR_BITMAPS, OFF_REFCOUNT_TABLE};
+use super::metadata::{Mapping, COPIED, OFFSET_MASK};
+use super::types::Geometry;
+use super::{Error, Result};
+use crate::storage::Storage;
+
+/// What to repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    Leaks,
+    All,
+}
+
+/// Counts as `qemu-img check --output json` names them.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckResult {
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    pub check_errors: u64,
+    pub leaks: u64,
+    pub corruptions: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    pub leaks_fixed: u64,
+    pub corruptions_fixed: u64,
+}
+
+/// Most clusters past the end of the file a reference may name before it counts as corrupt
+/// (bounds the in-memory reference table).
+const SLACK_CLUSTERS: u64 = 1 << 20;
+
+struct Refs {
+    counts: Vec<u32>,
+    cluster_bits: u32,
+    limit: u64,
+}
+
+impl Refs {
+    fn add(&mut self, res: &mut CheckResult, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let Some(last) = offset.checked_add(len - 1).map(|e| e >> self.cluster_bits) else {
+            res.corruptions += 1;
+            return;
+        };
+        if last >= self.limit {
+            res.corruptions += 1;
+            return;
+        }
+        for c in first..=last {
+            // Bounded by `limit`, which fits in memory by construction.
+            let i = usize::try_from(c).unwrap_or(usize::MAX);
+            if i >= self.counts.len() {
+                self.counts.resize(i + 1, 0);
+            }
+            self.counts[i] = self.counts[i].saturating_add(1);
+        }
+    }
+}
+
+struct Walker<'a> {
+    st: &'a dyn Storage,
+    h: &'a Header,
+    geo: Geometry,
+    file_len: u64,
+}
+
+impl Walker<'_> {
+    fn read_table(&self, off: u64) -> Result<Vec<u64>> {
+        let mut raw = vec![0u8; self.geo.cluster_usize()];
+        self.st.read_at(&mut raw, off)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect())
+    }
+
+    fn walk_l1(
+        &self,
+        refs: &mut Refs,
+        res: &mut CheckResult,
+        l1_off: u64,
+        l1_size: u32,
+        active: bool,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        refs.add(res, l1_off, u64::from(l1_size) * 8);
+        let l1 = read_l1(self.st, l1_off, l1_size)?;
+        for e in l1 {
+            // As QEMU's check_refcounts_l2: contiguity is judged within one L2 table.
+            let mut next_contiguous = 0u64;
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            refs.add(res, l2, cs);
+            if !l2.is_multiple_of(cs) || l2 >= self.file_len {
+                res.corruptions += 1;
+                continue;
+            }
+            for entry in self.read_table(l2)? {
+                let m = match Mapping::decode(entry, &self.geo) {
+                    Ok(m) => m,
+                    Err(_) => {
+                        res.corruptions += 1;
+                        continue;
+                    }
+                };
+                match m {
+                    Mapping::Compressed { .. } if active => {
+                        res.allocated_clusters += 1;
+                        res.compressed_clusters += 1;
+                        res.fragmented_clusters += 1;
+                    }
+                    Mapping::Data { host, .. } | Mapping::Zero { host } if host != 0 && active => {
+                        res.allocated_clusters += 1;
+                        if next_contiguous != 0 && host != next_contiguous {
+                            res.fragmented_clusters += 1;
+                        }
+                        next_contiguous = host + cs;
+                    }
+                    _ => {}
+                }
+                if let Some((off, len)) = m.host_range(cs) {
+                    refs.add(res, off, len);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn walk_snapshots(&self, refs: &mut Refs, res: &mut CheckResult) -> Result<()> {
+        if self.h.nb_snapshots == 0 {
+            return Ok(());
+        }
+        let mut pos = self.h.snapshots_offset;
+        for _ in 0..self.h.nb_snapshots {
+            let mut fixed = [0u8; 40];
+            self.st.read_at(&mut fixed, pos)?;
+            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
+            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
+            let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
+            let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+            let extra = u64::from(u32::from_be_bytes(
+                fixed[36..40].try_into().unwrap_or([0; 4]),
+            ));
+            let len = (40 + extra + id_len + name_len).div_ceil(8) * 8;
+            if u64::from(l1_size) * 8 > super::header::MAX_L1_BYTES
+                || l1_off % self.geo.cluster_size != 0
+                || l1_off.saturating_add(u64::from(l1_size) * 8) > self.file_len
+            {
+                res.corruptions += 1;
+            } else {
+                self.walk_l1(refs, res, l1_off, l1_size, false)?;
+            }
+            pos = pos.checked_add(len).ok_or(Error::TooLarge)?;
+            if pos > self.file_len {
+                res.corruptions += 1;
+                break;
+            }
+        }
+        refs.add(res, self.h.snapshots_offset, pos - self.h.snapshots_offset);
+        Ok(())
+    }
+
+    fn walk_bitmaps(&self, refs: &mut Refs, res: &mut CheckResult) -> Result<()> {
+        let Some(b) = self.h.bitmaps else {
+            return Ok(());
+        };
+        if self.h.autoclear & AUTOCLEAR_BITMAPS == 0
+            || b.directory_size > (64 << 20)
+            || b.directory_offset.saturating_add(b.directory_size) > self.file_len
+        {
+            return Ok(());
+        }
+        refs.add(res, b.directory_offset, b.directory_size);
+        let mut dir = vec![0u8; usize::try_from(b.directory_size).map_err(|_| Error::TooLarge)?];
+        self.st.read_at(&mut dir, b.directory_offset)?;
+        let mut p = 0usize;
+        while p + 24 <= dir.len() {
+            let t_off = u64::from_be_bytes(dir[p..p + 8].try_into().unwrap_or([0; 8]));
+            let t_size = u64::from(u32::from_be_bytes(
+                dir[p + 8..p + 12].try_into().unwrap_or([0; 4]),
+            ));
+            let name = usize::from(u16::from_be_bytes([dir[p + 14], dir[p + 15]]));
+            let extra = u32::from_be_bytes(dir[p + 16..p + 20].try_into().unwrap_or([0; 4]));
+            let extra = usize::try_from(extra).map_err(|_| Error::TooLarge)?;
+            refs.add(res, t_off, t_size * 8);
+            if t_size * 8 <= (64 << 20) && t_off.saturating_add(t_size * 8) <= self.file_len {
+                let mut t = vec![0u8; usize::try_from(t_size * 8).map_err(|_| Error::TooLarge)?];
+                self.st.read_at(&mut t, t_off)?;
+                for c in t.chunks_exact(8) {
+                    let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
+                    if e != 0 {
+                        refs.add(res, e, self.geo.cluster_size);
+                    }
+                }
+            }
+            p += (24 + name + extra).div_ceil(8) * 8;
+        }
+        Ok(())
+    }
+
+    /// Counts every reference; with `refcount_structs` false, leaves out the refcount table and
+    /// blocks (for a rebuild that replaces them).
+    fn count(&self, res: &mut CheckResult, refcount_structs: bool) -> Result<Refs> {
+        let cs = self.geo.cluster_size;
+        let file_clusters = self.file_len.div_ceil(cs);
+        let mut refs = Refs {
+            counts: vec![0; usize::try_from(file_clusters).map_err(|_| Error::TooLarge)?],
+            cluster_bits: self.geo.cluster_bits,
+            limit: file_clusters + SLACK_CLUSTERS,
+        };
+        refs.add(res, 0, cs);
+        self.walk_l1(&mut refs, res, self.h.l1_table_offset, self.h.l1_size, true)?;
+        self.walk_snapshots(&mut refs, res)?;
+        if let Some((off, len)) = self.h.fde {
+            refs.add(res, off, len);
+        }
+        self.walk_bitmaps(&mut refs, res)?;
+        if refcount_structs {
+            let rt_bytes = u64::from(self.h.refcount_table_clusters) * cs;
+            refs.add(res, self.h.refcount_table_offset, rt_bytes);
+            let rt = read_l1(
+                self.st,
+                self.h.refcount_table_offset,
+                u32::try_from(rt_bytes / 8).map_err(|_| Error::TooLarge)?,
+            )?;
+            for e in rt {
+                let off = e & RT_OFFSET_MASK;
+                if off == 0 {
+                    continue;
+                }
+                if !off.is_multiple_of(cs) || off >= self.file_len {
+                    res.corruptions += 1;
+                    continue;
+                }
+                refs.add(res, off, cs);
+            }
+        }
+        Ok(refs)
+    }
+}
+
+fn load_rc(st: &dyn Storage, h: &Header, read_only: bool) -> Result<Refcounts> {
+    Refcounts::load(
+        st,
+        h.refcount_order,
+        h.cluster_bits,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        read_only,
+    )
+}
+
+/// Checks (and optionally repairs) the image in `st`.
+pub fn check(st: &dyn Storage, repair: Option<Repair>) -> Result<CheckResult> {
+    let h = Header::read(st)?;
+    let first = check_once(st, &h, repair)?;
+    if first.leaks_fixed == 0 && first.corruptions_fixed == 0 {
+        return Ok(first);
+    }
+    let h = Header::read(st)?;
+    let mut again = check_once(st, &h, None)?;
+    again.leaks_fixed = first.leaks_fixed;
+    again.corruptions_fixed = first.corruptions_fixed;
+    Ok(again)
+}
+
+fn check_once(st: &dyn Storage, h: &Header, repair: Option<Repair>) -> Result<CheckResult> {
+    let geo = Geometry::new(h);
+    let file_len = st.len()?;
+    let w = Walker {
+        st,
+        h,
+        geo,
+        file_len,
+    };
+    let mut res = CheckResult {
+        total_clusters: geo.size.div_ceil(geo.cluster_size),
+        ..Default::default()
+    };
+    let refs = w.count(&mut res, true)?;
+    let mut rc = load_rc(st, h, repair.is_none())?;
+    let mut highest = 0u64;
+    let mut needs_rebuild = false;
+    let mut leaked = Vec::new();
+    for (i, &computed) in refs.counts.iter().enumerate() {
+        let c = i as u64;
+        let stored = match rc.get(st, c) {
+            Ok(v) => v,
+            Err(_) => {
+                res.check_errors += 1;
+                continue;
+            }
+        };
+        if stored > 0 || computed > 0 {
+            highest = c;
+        }
+        let computed = u64::from(computed);
+        if stored > computed {
+            if repair.is_some() {
+                leaked.push((c, computed));
+            } else {
+                res.leaks += 1;
+            }
+        } else if stored < computed {
+            if repair == Some(Repair::All) {
+                needs_rebuild = true;
+            } else {
+                res.corruptions += 1;
+            }
+        }
+    }
+    res.image_end_offset = (highest + 1) * geo.cluster_size;
+    if needs_rebuild {
+        rebuild_refcounts(st, h)?;
+        res.corruptions_fixed += 1;
+    } else {
+        for (c, v) in leaked {
+            rc.set(st, c, v)?;
+            res.leaks_fixed += 1;
+        }
+        if res.leaks_fixed > 0 {
+            st.sync()?;
+        }
+    }
+    // OFLAG_COPIED of the active tree.
+    let h2;
+    let h = if needs_rebuild {
+        h2 = Header::read(st)?;
+        &h2
+    } else {
+        h
+    };
+    let mut rc = load_rc(st, h, repair != Some(Repair::All))?;
+    check_copied(st, h, &geo, &mut rc, &mut res, repair == Some(Repair::All))?;
+    Ok(res)
+}
+
+fn check_copied(
+    st: &dyn Storage,
+    h: &Header,
+    geo: &Geometry,
+    rc: &mut Refcounts,
+    res: &mut CheckResult,
+    fix: bool,
+) -> Result<()> {
+    let cs = geo.cluster_size;
+    let file_len = st.len()?;
+    let mut l1 = read_l1(st, h.l1_table_offset, h.l1_size)?;
+    let w = Walker {
+        st,
+        h,
+        geo: *geo,
+        file_len,
+    };
+    for (i, e) in l1.iter_mut().enumerate() {
+        let l2 = *e & OFFSET_MASK;
+        if l2 == 0 || !l2.is_multiple_of(cs) || l2 >= file_len {
+            continue;
+        }
+        let r = rc.get(st, l2 >> geo.cluster_bits)?;
+        if (r == 1) != (*e & COPIED != 0) {
+            if fix {
+                *e = if r == 1 { *e | COPIED } else { *e & !COPIED };
+                st.write_at(&e.to_be_bytes(), h.l1_table_offset + (i as u64) * 8)?;
+                res.corruptions_fixed += 1;
+            } else {
+                res.corruptions += 1;
+            }
+        }
+        let mut t = w.read_table(l2)?;
+        let mut dirty = false;
+        for entry in t.iter_mut() {
+            let host = match Mapping::decode(*entry, geo) {
+                Ok(Mapping::Data { host, .. }) => host,
+                Ok(Mapping::Zero { host }) if host != 0 => host,
+                _ => continue,
+            };
+            let r = rc.get(st, host >> geo.cluster_bits)?;
+            if (r == 1) != (*entry & COPIED != 0) {
+                if fix {
+                    *entry = if r == 1 {
+                        *entry | COPIED
+                    } else {
+                        *entry & !COPIED
+                    };
+                    dirty = true;
+                    res.corruptions_fixed += 1;
+                } else {
+                    res.corruptions += 1;
+                }
+            }
+        }
+        if dirty {
+            let mut raw = Vec::with_capacity(t.len() * 8);
+            for v in &t {
+                raw.extend_from_slice(&v.to_be_bytes());
+            }
+            st.write_at(&raw, l2)?;
+        }
+    }
+    if fix {
+        st.sync()?;
+    }
+    Ok(())
+}
+
+/// Replaces the refcount structure with one computed from the references (dirty images,
+/// `check --repair all`). The new blocks and table go past the end of the file; the header is
+/// switched over only once they are durable.
+pub fn rebuild_refcounts(st: &dyn Storage, h: &Header) -> Result<()> {
+    let geo = Geometry::new(h);
+    let cs = geo.cluster_size;
+    let file_len = st.len()?;
+    let w = Walker {
+        st,
+        h,
+        geo,
+        file_len,
+    };
+    let mut res = CheckResult::default();
+    let refs = w.count(&mut res, false)?;
+    let mut counts = refs.counts;
+    let epb_bits = geo.cluster_bits + 3 - h.refcount_order;
+    let first = (file_len.div_ceil(cs)).max(counts.len() as u64);
+    // Fixed point: blocks covering all references plus themselves and the table.
+    let mut nb = 0u64;
+    let mut tc = 1u64;
+    let blocks_of_data: std::collections::BTreeSet<u64> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &v)| v > 0)
+        .map(|(i, _)| (i as u64) >> epb_bits)
+        .collect();
+    let (blocks, table_entries) = loop {
+        let end = first + nb + tc;
+        let mut blocks = blocks_of_data.clone();
+        for c in first..end {
+            blocks.insert(c >> epb_bits);
+        }
+        let max_b = blocks.iter().next_back().copied().unwrap_or(0);
+        let entries = max_b + 1;
+        let ntc = (entries * 8).div_ceil(cs);
+        let nnb = blocks.len() as u64;
+        if nnb == nb && ntc == tc {
+            break (blocks, entries);
+        }
+        nb = nnb;
+        tc = ntc;
+    };
+    if tc * cs > super::header::MAX_REFTABLE_BYTES {
+        return Err(Error::TooLarge);
+    }
+    let end = first + nb + tc;
+    counts.resize(usize::try_from(end).map_err(|_| Error::TooLarge)?, 0);
+    for c in first..end {
+        counts[usize::try_from(c).map_err(|_| Error::TooLarge)?] = 1;
+    }
+    let max = if h.refcount_order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << h.refcount_order)) - 1
+    };
+    let mut table = vec![0u64; usize::try_from(tc * cs / 8).map_err(|_| Error::TooLarge)?];
+    let epb = 1u64 << epb_bits;
+    for (k, &b) in blocks.iter().enumerate() {
+        let off = (first + k as u64) * cs;
+        let mut blk = vec![0u8; geo.cluster_usize()];
+        for j in 0..epb {
+            let c = usize::try_from(b * epb + j).map_err(|_| Error::TooLarge)?;
+            let v = counts.get(c).copied().map_or(0, u64::from);
+            if v > 0 {
+                Refcounts::set_entry(
+                    h.refcount_order,
+                    &mut blk,
+                    usize::try_from(j).map_err(|_| Error::TooLarge)?,
+                    v.min(max),
+                );
+            }
+        }
+        st.write_at(&blk, off)?;
+        table[usize::try_from(b).map_err(|_| Error::TooLarge)?] = off;
+    }
+    let _ = table_entries;
+    let t_off = (first + nb) * cs;
+    let mut raw = Vec::with_capacity(table.len() * 8);
+    for v in &table {
+        raw.extend_from_slice(&v.to_be_bytes());
+    }
+    st.write_at(&raw, t_off)?;
+    st.sync()?;
+    let mut hdr = [0u8; 12];
+    hdr[..8].copy_from_slice(&t_off.to_be_bytes());
+    hdr[8..].copy_from_slice(
+        &u32::try_from(tc)
+            .map_err(|_| Error::TooLarge)?
+            .to_be_bytes(),
+    );
+    st.write_at(&hdr, OFF_REFCOUNT_TABLE)?;
+    st.sync()?;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Mapping metadata: the L1 table, a cache of L2 tables and the refcounts, kept together behind
+//! one lock (in [`super::Qcow2`]). Lookups answer a [`Mapping`] for one guest cluster.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::alloc::Refcounts;
+use super::types::Geometry;
+use super::Error;
+use crate::storage::Storage;
+
+/// L1/L2 entry bit 63: refcount is exactly 1, the cluster may be written in place.
+pub const COPIED: u64 = 1 << 63;
+/// L2 entry bit 62: compressed cluster.
+pub const COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit 0: reads as zeroes.
+pub const ZERO: u64 = 1;
+/// Host offset bits 9..=55 of L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// Where the data of one guest cluster lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated: reads from the backing file, or as zeroes without one.
+    Unallocated,
+    /// Reads as zeroes; `host` is a preallocated cluster (or 0).
+    Zero { host: u64 },
+    /// A standard data cluster; `copied` means refcount 1 (writable in place).
+    Data { host: u64, copied: bool },
+    /// Compressed data at `offset`, at most `len` bytes.
+    Compressed { offset: u64, len: u64 },
+}
+
+impl Mapping {
+    /// Decodes a standard (64-bit) L2 entry.
+    pub fn decode(entry: u64, geo: &Geometry) -> Result<Self, Error> {
+        if entry & COMPRESSED != 0 {
+            let shift = 62 - (geo.cluster_bits - 8);
+            let offset = entry & ((1u64 << shift) - 1);
+            let sectors = ((entry & !(COPIED | COMPRESSED)) >> shift) + 1;
+            let len = sectors * 512 - (offset & 511);
+            return Ok(Mapping::Compressed { offset, len });
+        }
+        let host = entry & OFFSET_MASK;
+        if entry & ZERO != 0 {
+            return Ok(Mapping::Zero { host });
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        if host & (geo.cluster_size - 1) != 0 {
+            return Err(Error::BadOffset {
+                what: "data cluster not aligned",
+                offset: host,
+            });
+        }
+        Ok(Mapping::Data {
+            host,
+            copied: entry & COPIED != 0,
+        })
+    }
+
+    /// The host range a cluster mapping holds a reference on, if any.
+    pub fn host_range(&self, cluster_size: u64) -> Option<(u64, u64)> {
+        match *self {
+            Mapping::Unallocated => None,
+            Mapping::Zero { host: 0 } => None,
+            Mapping::Zero { host } | Mapping::Data { host, .. } => Some((host, cluster_size)),
+            Mapping::Compressed { offset, len } => Some((offset & !511, len + (offset & 511))),
+        }
+    }
+}
+
+struct CachedL2 {
+    table: Vec<u64>,
+    last_use: AtomicU64,
+}
+
+/// A bounded cache of L2 tables, keyed by host offset. Entries are write-through (never dirty),
+/// so eviction only drops them.
+pub struct L2Cache {
+    map: HashMap<u64, CachedL2>,
+    cap: usize,
+    tick: AtomicU64,
+}
+
+impl L2Cache {
+    /// A cache of at most `cap` tables.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            cap: cap.max(4),
+            tick: AtomicU64::new(0),
+        }
+    }
+
+    /// A cached table (marks it used; callable under the read lock).
+    pub fn get(&self, off: u64) -> Option<&[u64]> {
+        let e = self.map.get(&off)?;
+        let t = self.tick.fetch_add(1, Ordering::Relaxed);
+        e.last_use.store(t, Ordering::Relaxed);
+        Some(&e.table)
+    }
+
+    /// Mutable access to a cached table.
+    pub fn get_mut(&mut self, off: u64) -> Option<&mut Vec<u64>> {
+        self.map.get_mut(&off).map(|e| &mut e.table)
+    }
+
+    /// Inserts a table, evicting the least recently used one when full.
+    pub fn insert(&mut self, off: u64, table: Vec<u64>) {
+        if self.map.len() >= self.cap && !self.map.contains_key(&off) {
+            let victim = self
+                .map
+                .iter()
+                .min_by_key(|(_, e)| e.last_use.load(Ordering::Relaxed))
+                .map(|(&k, _)| k);
+            if let Some(k) = victim {
+                self.map.remove(&k);
+            }
+        }
+        let t = self.tick.fetch_add(1, Ordering::Relaxed);
+        self.map.insert(
+            off,
+            CachedL2 {
+                table,
+                last_use: AtomicU64::new(t),
+            },
+        );
+    }
+
+    /// Drops a table.
+    pub fn remove(&mut self, off: u64) {
+        self.map.remove(&off);
+    }
+
+    /// Drops everything.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// Everything behind the metadata lock.
+pub struct Meta {
+    pub l1: Vec<u64>,
+    pub l2: L2Cache,
+    pub rc: Refcounts,
+    /// Host ranges whose references were dropped but whose refcounts are decremented only after
+    /// the next barrier (so that a reference is never durable to a cluster with refcount 0).
+    pub pending_frees: Vec<(u64, u64)>,
+    /// Whether the first-write header update (autoclear bits) was done.
+    pub written: bool,
+}
+
+/// Result of a lookup under the read lock.
+pub enum Lookup {
+    Found(Mapping),
+    /// The L2 table at this offset must be loaded first.
+    Miss(u64),
+}
+
+impl Meta {
+    /// L2 table offset for an L1 index (0 if none), validated.
+    pub fn l2_offset(&self, l1_index: usize, geo: &Geometry) -> Result<u64, Error> {
+        let e = self.l1.get(l1_index).copied().unwrap_or(0);
+        let off = e & OFFSET_MASK;
+        if off & (geo.cluster_size - 1) != 0 {
+            return Err(Error::BadOffset {
+                what: "L2 table not aligned",
+                offset: off,
+            });
+        }
+        Ok(off)
+    }
+
+    /// Looks up guest cluster `gc` without loading anything.
+    pub fn lookup(&self, gc: u64, geo: &Geometry) -> Result<Lookup, Error> {
+        let (l1i, l2i) = geo.split(gc)?;
+        let l2 = self.l2_offset(l1i, geo)?;
+        if l2 == 0 {
+            return Ok(Lookup::Found(Mapping::Unallocated));
+        }
+        match self.l2.get(l2) {
+            Some(t) => Ok(Lookup::Found(Mapping::decode(t[l2i], geo)?)),
+            None => Ok(Lookup::Miss(l2)),
+        }
+    }
+
+    /// Loads the L2 table at `off` into the cache.
+    pub fn load_l2(
+        &mut self,
+        storage: &dyn Storage,
+        off: u64,
+        geo: &Geometry,
+    ) -> Result<(), Error> {
+        if self.l2.get(off).is_some() {
+            return Ok(());
+        }
+        if off >= storage.len()? {
+            return Err(Error::BadOffset {
+                what: "L2 table past the end of the file",
+                offset: off,
+            });
+        }
+        let mut raw = vec![0u8; usize::try_from(geo.cluster_size).map_err(|_| Error::TooLarge)?];
+        storage.read_at(&mut raw, off)?;
+        let t = raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect();
+        self.l2.insert(off, t);
+        Ok(())
+    }
+
+    /// Looks up guest cluster `gc`, loading its L2 table if needed (write lock held).
+    pub fn lookup_load(
+        &mut self,
+        storage: &dyn Storage,
+        gc: u64,
+        geo: &Geometry,
+    ) -> Result<Mapping, Error> {
+        match self.lookup(gc, geo)? {
+            Lookup::Found(m) => Ok(m),
+            Lookup::Miss(off) => {
+                self.load_l2(storage, off, geo)?;
+                match self.lookup(gc, geo)? {
+                    Lookup::Found(m) => Ok(m),
+                    Lookup::Miss(off) => Err(Error::BadOffset {
+                        what: "L2 table",
+                        offset: off,
+                    }),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The daemon driven by an independent vhost-user-blk client: libblkio's
+//! `virtio-blk-vhost-user` driver (the `blkio` crate).
+
+// Test patterns truncate small counters to bytes on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::os::unix::fs::MetadataExt;
+
+use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use common::Daemon;
+
+const MIB: u64 = 1 << 20;
+
+struct Client {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+}
+
+impl Client {
+    fn connect(d: &Daemon, num_queues: i32, read_only: bool) -> blkio::Result<Client> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", d.sock.to_str().expect("utf-8 path"))?;
+        blkio.set_bool("read-only", read_only)?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", num_queues)?;
+        let out = blkio.start()?;
+        let region = blkio.alloc_mem_region(4 * 1024 * 1024)?;
+        blkio.map_mem_region(&region)?;
+        Ok(Client {
+            blkio,
+            queues: out.queues,
+            region,
+        })
+    }
+
+    /// The client buffer (shared with the daemon through the mapped region).
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is a live mapping of `len` bytes owned by `self.blkio`; requests are
+        // waited for before the buffer is looked at again.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, self.region.len) }
+    }
+}
+
+/// Waits for one completion on `q` and returns its `ret` (0 or -errno).
+fn complete(q: &mut Blkioq) -> i32 {
+    let mut c = [MaybeUninit::uninit()];
+    let n = q.do_io(&mut c, 1, None, None).expect("do_io");
+    assert_eq!(n, 1);
+    // SAFETY: do_io initialised the first `n` completions.
+    unsafe { c[0].assume_init_read() }.ret
+}
+
+fn read(c: &mut Client, q: usize, offset: u64, len: usize) -> Vec<u8> {
+    let ptr = c.buf().as_mut_ptr();
+    c.queues[q].read(offset, ptr, len, 0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[q]), 0, "read at {offset}");
+    c.buf()[..len].to_vec()
+}
+
+fn write(c: &mut Client, q: usize, offset: u64, data: &[u8]) -> i32 {
+    c.buf()[..data.len()].copy_from_slice(data);
+    let ptr = c.buf().as_ptr();
+    c.queues[q].write(offset, ptr, data.len(), 0, ReqFlags::empty());
+    complete(&mut c.queues[q])
+}
+
+fn file_bytes(d: &Daemon, offset: u64, len: usize) -> Vec<u8> {
+    let all = std::fs::read(&d.image).expect("read image");
+    let o = usize::try_from(offset).expect("fits");
+    all[o..o + len].to_vec()
+}
+
+#[test]
+fn capacity_matches_the_image() {
+    let d = Daemon::start(8 * MIB, &[]);
+    let c = Client::connect(&d, 1, false).expect("connect");
+    assert_eq!(c.blkio.get_u64("capacity").expect("capacity"), 8 * MIB);
+    assert_eq!(c.blkio.get_i32("max-queues").expect("max-queues"), 4);
+}
+
+#[test]
+fn every_request_type_reaches_the_file() {
+    let d = Daemon::start(8 * MIB, &[]);
+    let mut c = Client::connect(&d, 1, false).expect("connect");
+
+    // Read what make_image wrote.
+    assert_eq!(read(&mut c, 0, 3 * 512, 512), vec![3u8; 512]);
+
+    // Write (gather from two buffers with writev), flush, and find it in the file.
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 256) as u8).collect();
+    c.buf()[..8192].copy_from_slice(&pattern);
+    let base = c.buf().as_ptr() as usize;
+    let iov = [
+        libc::iovec {
+            iov_base: base as *mut libc::c_void,
+            iov_len: 4096,
+        },
+        libc::iovec {
+            iov_base: (base + 4096) as *mut libc::c_void,
+            iov_len: 4096,
+        },
+    ];
+    c.queues[0].writev(MIB, iov.as_ptr(), 2, 0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[0]), 0);
+    c.queues[0].flush(0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[0]), 0);
+    assert_eq!(file_bytes(&d, MIB, 8192), pattern);
+    assert_eq!(read(&mut c, 0, MIB, 8192), pattern);
+
+    // Discard deallocates (punches a hole) and reads back as zeroes.
+    let blocks_before = std::fs::metadata(&d.image).expect("stat").blocks();
+    c.queues[0].discard(2 * MIB, MIB, 0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[0]), 0);
+    assert_eq!(read(&mut c, 0, 2 * MIB, 4096), vec![0u8; 4096]);
+    let blocks_after = std::fs::metadata(&d.image).expect("stat").blocks();
+    assert!(
+        blocks_after + 1024 < blocks_before,
+        "discard did not deallocate: {blocks_before} -> {blocks_after} blocks"
+    );
+
+    // Write-zeroes without unmap keeps the range allocated; with unmap it may deallocate.
+    let blocks_before = std::fs::metadata(&d.image).expect("stat").blocks();
+    c.queues[0].write_zeroes(4 * MIB, MIB, 0, ReqFlags::NO_UNMAP);
+    assert_eq!(complete(&mut c.queues[0]), 0);
+    assert_eq!(file_bytes(&d, 4 * MIB, 4096), vec![0u8; 4096]);
+    let blocks_after = std::fs::metadata(&d.image).expect("stat").blocks();
+    assert!(blocks_after + 256 >= blocks_before, "NO_UNMAP deallocated");
+    c.queues[0].write_zeroes(5 * MIB, MIB, 0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[0]), 0);
+    assert_eq!(
+        file_bytes(&d, 5 * MIB, MIB as usize),
+        vec![0u8; MIB as usize]
+    );
+    assert_eq!(read(&mut c, 0, 5 * MIB, 4096), vec![0u8; 4096]);
+    // Neighbours untouched.
+    assert_eq!(
+        file_bytes(&d, 6 * MIB, 512),
+        vec![((6 * MIB / 512) % 251) as u8; 512]
+    );
+}
+
+#[test]
+fn reads_past_capacity_fail_and_the_daemon_keeps_serving() {
+    let d = Daemon::start(MIB, &[]);
+    let mut c = Client::connect(&d, 1, false).expect("connect");
+    let ptr = c.buf().as_mut_ptr();
+    c.queues[0].read(MIB - 512, ptr, 1024, 0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[0]), -libc::EIO);
+    assert_eq!(write(&mut c, 0, MIB, &[1u8; 512]), -libc::EIO);
+    assert_eq!(read(&mut c, 0, 0, 512), vec![0u8; 512]);
+}
+
+#[test]
+fn read_only_export_refuses_writers_and_serves_readers() {
+    let d = Daemon::start(MIB, &["--read-only"]);
+    // A read-write client must notice VIRTIO_BLK_F_RO.
+    let e = Client::connect(&d, 1, false)
+        .err()
+        .expect("read-write start must fail");
+    assert_eq!(e.errno(), blkio::Errno::ROFS);
+    let mut c = Client::connect(&d, 1, true).expect("read-only connect");
+    assert_eq!(read(&mut c, 0, 512, 512), vec![1u8; 512]);
+}
+
+#[test]
+fn two_queues_serve_concurrently() {
+    let d = Daemon::start(16 * MIB, &["--num-queues", "2"]);
+    let c = Client::connect(&d, 2, false).expect("connect");
+    let Client {
+        blkio,
+        mut queues,
+        region,
+    } = c;
+    let q1 = queues.pop().expect("queue 1");
+    let q0 = queues.pop().expect("queue 0");
+    let half = region.len / 2;
+    let run = move |mut q: Blkioq, buf: usize, id: u8| {
+        for round in 0..64u64 {
+            let offset = u64::from(id) * 8 * MIB + round * 65536;
+            // SAFETY: each thread uses its own half of the mapped region.
+            let b = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, 65536) };
+            b.fill(id.wrapping_mul(16).wrapping_add(round as u8));
+            q.write(offset, buf as *const u8, 65536, 0, ReqFlags::empty());
+            assert_eq!(complete(&mut q), 0);
+            b.fill(0);
+            q.read(offset, buf as *mut u8, 65536, 0, ReqFlags::empty());
+            assert_eq!(complete(&mut q), 0);
+            assert!(b
+                .iter()
+                .all(|&x| x == id.wrapping_mul(16).wrapping_add(round as u8)));
+        }
+        q
+    };
+    let t0 = std::thread::spawn(move || run(q0, region.addr, 0));
+    let t1 = std::thread::spawn(move || run(q1, region.addr + half, 1));
+    let _q0 = t0.join().expect("queue 0 thread");
+    let _q1 = t1.join().expect("queue 1 thread");
+    drop(blkio);
+    let file = std::fs::read(&d.image).expect("image");
+    let at = |o: u64| file[usize::try_from(o).expect("fits")];
+    assert_eq!(at(63 * 65536), 63);
+    assert_eq!(at(8 * MIB + 63 * 65536), 16 + 63);
+}
+
+#[test]
+fn a_new_frontend_can_attach_after_disconnect() {
+    let d = Daemon::start(MIB, &[]);
+    {
+        let mut c = Client::connect(&d, 1, false).expect("first connect");
+        assert_eq!(write(&mut c, 0, 4096, &[9u8; 4096]), 0);
+    }
+    let mut c = Client::connect(&d, 1, false).expect("second connect");
+    assert_eq!(read(&mut c, 0, 4096, 4096), vec![9u8; 4096]);
+}
