@@ -1,7 +1,8 @@
 //! `keyslot list|add|remove FILE`: LUKS keyslot management, the equivalent of QEMU's
 //! `qemu-img amend -o state=active|inactive,...` and cryptsetup's luksAddKey / luksKillSlot.
 //!
-//! Works on raw LUKS1 files. Passphrases come from `--key-secret-file F`, `--key-fd N` or a
+//! Works on raw LUKS1 files and on qcow2 images with LUKS encryption (crypt_method 2), whose
+//! LUKS header lives in the region the full-disk-encryption header extension names. Passphrases come from `--key-secret-file F`, `--key-fd N` or a
 //! prompt on the terminal; never from argv. `remove` refuses to remove the last active slot.
 
 use std::io::Write;
@@ -33,6 +34,14 @@ pub enum KeyslotError {
     },
     #[error("passphrase")]
     Secret(#[from] SecretError),
+    #[error("{path}")]
+    Qcow2 {
+        path: String,
+        #[source]
+        source: crate::qcow2::Error,
+    },
+    #[error("{path} is a qcow2 image without LUKS encryption (crypt_method {method})")]
+    NotLuks { path: String, method: u32 },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
 }
@@ -126,8 +135,23 @@ fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotErro
     })
 }
 
-/// The LUKS area of an image file: the whole of a raw LUKS file.
+/// The LUKS area of an image file: the FDE region of a qcow2 image, else the whole file.
 pub fn luks_area<'a>(storage: &'a dyn Storage, path: &Path) -> Result<LuksArea<'a>, KeyslotError> {
+    let shown = || path.display().to_string();
+    let q = |source| KeyslotError::Qcow2 {
+        path: shown(),
+        source,
+    };
+    if crate::qcow2::is_qcow2(storage).map_err(q)? {
+        let probe = crate::qcow2::probe(storage).map_err(q)?;
+        return match probe.fde_header {
+            Some((base, len)) => LuksArea::region(storage, base, len).map_err(luks_err(path)),
+            None => Err(KeyslotError::NotLuks {
+                path: shown(),
+                method: probe.crypt_method,
+            }),
+        };
+    }
     LuksArea::whole(storage).map_err(luks_err(path))
 }
 
