@@ -7,6 +7,8 @@
 
 #[path = "guest/rig.rs"]
 mod rig;
+#[path = "guest/vm.rs"]
+mod vm;
 
 use rig::{run_guest_fio, Backend, ImageCase};
 
@@ -63,9 +65,19 @@ fn script_encoding_matches_coreutils_base64() {
         let out = child.wait_with_output().expect("base64 output");
         assert!(out.status.success());
         assert_eq!(
-            rig::base64(input.as_bytes()),
+            vm::base64(input.as_bytes()),
             String::from_utf8_lossy(&out.stdout),
             "{input:?}"
         );
     }
+}
+
+#[test]
+fn restarted_qemu_reattaches_to_daemon() {
+    rig::run_guest_reconnect(&ImageCase::raw(), Backend::Daemon);
+}
+
+#[test]
+fn restarted_qemu_reattaches_to_qemu_storage_daemon() {
+    rig::run_guest_reconnect(&ImageCase::raw(), Backend::QemuStorageDaemon);
 }

@@ -39,7 +39,7 @@ pub struct EncryptArgs {
     /// Encrypt the new image.
     #[arg(long, value_enum)]
     pub encrypt: Option<EncryptFormat>,
-    /// Cipher, as aes-<bits>-<mode>[-<ivgen>].
+    /// Cipher, as `aes-<bits>-<mode>[-<ivgen>]`.
     #[arg(long, default_value = "aes-256-xts-plain64", requires = "encrypt")]
     pub cipher: String,
     /// PBKDF2 / anti-forensic hash.
