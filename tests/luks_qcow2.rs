@@ -431,3 +431,41 @@ fn info_shows_luks_as_qemu_img_info_does() {
         );
     }
 }
+
+#[test]
+fn compressed_clusters_in_a_luks_image_read_as_qemu_reads_them() {
+    // QEMU writes compressed clusters of an encrypted image unencrypted; they must be read
+    // without decryption, and overwriting them must allocate new encrypted clusters.
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("c.qcow2");
+    qemu_img_create(
+        &f,
+        "pw",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        "1M",
+    );
+    qio(
+        &f,
+        "pw",
+        &[
+            "write -c -P 0x77 0 64k",
+            "write -c -P 0x78 128k 64k",
+            "write -P 0x79 256k 64k",
+        ],
+    );
+    let img = open(&f, b"pw");
+    let plain = qemu_plain(&f, "pw");
+    assert!(plain[..65536].iter().all(|&b| b == 0x77));
+    assert_eq!(read_all(img.as_ref()), plain);
+    let marker = b"COMPRESSED-OVER!";
+    let data: Vec<u8> = marker.iter().copied().cycle().take(8192).collect();
+    write(img.as_ref(), 4096, &data); // partial overwrite of a compressed cluster
+    img.flush().expect("flush");
+    let mine = read_all(img.as_ref());
+    drop(img);
+    assert_eq!(&mine[4096..4096 + 8192], &data[..]);
+    assert!(mine[..4096].iter().all(|&b| b == 0x77));
+    assert_eq!(qemu_plain(&f, "pw"), mine);
+    assert!(!file_contains(&f, marker));
+    qemu_check(&f, "pw");
+}
