@@ -52,6 +52,19 @@ pub struct EncryptArgs {
     pub key: KeyArgs,
 }
 
+impl Default for EncryptArgs {
+    /// No encryption (with the option defaults clap would fill in).
+    fn default() -> Self {
+        Self {
+            encrypt: None,
+            cipher: "aes-256-xts-plain64".to_string(),
+            hash: "sha256".to_string(),
+            iter_time: DEFAULT_ITER_TIME_MS,
+            key: KeyArgs::default(),
+        }
+    }
+}
+
 impl EncryptArgs {
     /// The LUKS parameters asked for, or None without `--encrypt`.
     pub fn luks_params(&self) -> Result<Option<CreateParams>, EncryptArgsError> {
