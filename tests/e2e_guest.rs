@@ -10,7 +10,7 @@ mod rig;
 #[path = "guest/vm.rs"]
 mod vm;
 
-use rig::{run_guest_fio, Backend, ImageCase};
+use rig::{run_guest_fio, Backend, ImageCase, OverlayMaker};
 
 #[test]
 fn raw_image_guest_fio_verify_via_daemon() {
@@ -22,17 +22,90 @@ fn raw_image_guest_fio_verify_via_qemu_storage_daemon() {
     run_guest_fio(&ImageCase::raw(), Backend::QemuStorageDaemon);
 }
 
+#[test]
+fn qcow2_image_guest_fio_verify_via_daemon() {
+    run_guest_fio(&ImageCase::qcow2(), Backend::Daemon);
+}
+
+#[test]
+fn qcow2_image_guest_fio_verify_via_qemu_storage_daemon() {
+    run_guest_fio(&ImageCase::qcow2(), Backend::QemuStorageDaemon);
+}
+
+/// A qcow2 overlay (made by qemu-img) over a qcow2 base holding a pattern: the guest's writes go
+/// to the overlay, partial-cluster writes copy the rest up from the base, the guest reads the
+/// base through the overlay, and the base stays byte-for-byte unchanged.
+#[test]
+fn qcow2_overlay_guest_fio_verify_via_daemon() {
+    run_guest_fio(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        Backend::Daemon,
+    );
+}
+
+/// The same flow with qemu-storage-daemon: the reference for what the checks expect.
+#[test]
+fn qcow2_overlay_guest_fio_verify_via_qemu_storage_daemon() {
+    run_guest_fio(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        Backend::QemuStorageDaemon,
+    );
+}
+
+/// The overlay made by our own `create --backing`.
+#[test]
+fn qcow2_overlay_made_by_us_guest_fio_verify_via_daemon() {
+    run_guest_fio(
+        &ImageCase::qcow2_overlay(OverlayMaker::Ours),
+        Backend::Daemon,
+    );
+}
+
 /// The rig must be able to fail: with the backend writing 1 MiB away from where the guest
 /// thinks, the guest's own fio verification passes, so only the host-side qemu-io checks can
 /// notice, and they must.
 #[test]
 fn rig_detects_writes_that_land_in_the_wrong_place() {
-    let Some(message) = rig::run_guest_fio_with_misplaced_writes() else {
+    let Some(message) =
+        rig::run_guest_fio_expecting_failure(&ImageCase::raw(), &rig::shifted_raw_view())
+    else {
         return;
     };
     assert!(
         message.contains("qemu-io pattern checks failed"),
         "expected the host-side checks to fail, got: {message:?}"
+    );
+}
+
+/// The overlay served without its backing file: the small writes fill their clusters with
+/// zeroes instead of the base's data, which only the "base content elsewhere" checks see.
+#[test]
+fn rig_detects_an_overlay_that_lost_its_backing_file() {
+    let Some(message) = rig::run_guest_fio_expecting_failure(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        &rig::overlay_without_backing_view(),
+    ) else {
+        return;
+    };
+    assert!(
+        message.contains("qemu-io pattern checks failed"),
+        "expected the base-content checks to fail, got: {message:?}"
+    );
+}
+
+/// The base image served instead of the overlay: the guest writes into the backing file, which
+/// the before/after hash must notice.
+#[test]
+fn rig_detects_writes_into_the_backing_file() {
+    let Some(message) = rig::run_guest_fio_expecting_failure(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        &rig::overlay_base_instead_view(),
+    ) else {
+        return;
+    };
+    assert!(
+        message.contains("backing file") && message.contains("changed"),
+        "expected the backing-file hash check to fail, got: {message:?}"
     );
 }
 

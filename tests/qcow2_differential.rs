@@ -185,3 +185,20 @@ fn differential_v2_overlay_and_small_clusters() {
         24,
     );
 }
+
+#[test]
+fn differential_extended_l2() {
+    differential("extl2", &["-o", "extended_l2=on"], false, 31);
+    differential(
+        "extl2-overlay",
+        &["-o", "extended_l2=on,cluster_size=128k"],
+        true,
+        32,
+    );
+    differential(
+        "extl2-overlay-b",
+        &["-o", "extended_l2=on,cluster_size=32k"],
+        true,
+        33,
+    );
+}

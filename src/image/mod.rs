@@ -7,7 +7,6 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -228,12 +227,27 @@ fn open_chain(
             let probe = crate::qcow2::probe(&storage)?;
             let crypt = crypt::qcow2_crypt(&storage, &probe, secret)?;
             let backing = open_backing(path, &probe.header, opts, secret, chain)?;
-            Ok(Box::new(open_qcow2(
+            let data = match &probe.header.data_file {
+                None => None,
+                Some(name) => Some(Box::new(FileStorage::open(
+                    &resolve_backing(path, name),
+                    OpenFlags {
+                        read_only: opts.read_only,
+                        direct: opts.direct,
+                    },
+                )?) as Box<dyn Storage>),
+            };
+            let q = crate::qcow2::Qcow2::open_with_data_file(
                 Box::new(storage),
-                opts,
+                data,
+                &crate::qcow2::Qcow2Options {
+                    read_only: opts.read_only,
+                    ..Default::default()
+                },
                 backing,
                 crypt,
-            )?))
+            )?;
+            Ok(Box::new(qcow2::Qcow2Image::new(q)))
         }
     }
 }
@@ -272,25 +286,6 @@ pub fn open_backing(
     };
     let b = open_chain(&resolve_backing(path, name), &bopts, secret, chain)?;
     Ok(Some(Box::new(qcow2::BackingImage(b))))
-}
-
-/// Opens a qcow2 image over `storage`; `crypt` is the LUKS/AES layer's decryptor, if any.
-pub fn open_qcow2(
-    storage: Box<dyn Storage>,
-    opts: &OpenOptions,
-    backing: Option<Box<dyn crate::qcow2::BackingRead>>,
-    crypt: Option<Arc<dyn crate::qcow2::ClusterCrypt>>,
-) -> Result<qcow2::Qcow2Image> {
-    let q = crate::qcow2::Qcow2::open(
-        storage,
-        &crate::qcow2::Qcow2Options {
-            read_only: opts.read_only,
-            ..Default::default()
-        },
-        backing,
-        crypt,
-    )?;
-    Ok(qcow2::Qcow2Image::new(q))
 }
 
 #[doc(hidden)]

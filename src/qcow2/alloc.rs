@@ -395,15 +395,24 @@ impl Refcounts {
         Ok(c << self.cluster_bits)
     }
 
-    /// Decrements the refcount of every cluster overlapping `offset..offset+len`.
-    pub fn free(&mut self, storage: &dyn Storage, offset: u64, len: u64) -> Result<(), Error> {
+    /// Decrements the refcount of every cluster overlapping `offset..offset+len`; appends the
+    /// offsets of clusters that became free to `freed`.
+    pub fn free(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        len: u64,
+        freed: &mut Vec<u64>,
+    ) -> Result<(), Error> {
         if len == 0 {
             return Ok(());
         }
         let first = offset >> self.cluster_bits;
         let last = (offset + len - 1) >> self.cluster_bits;
         for c in first..=last {
-            self.update(storage, c, false)?;
+            if self.update(storage, c, false)? == 0 {
+                freed.push(c << self.cluster_bits);
+            }
         }
         Ok(())
     }

@@ -71,6 +71,15 @@ impl Refs {
     }
 }
 
+/// Allocation and fragmentation counts of the active tree, as QEMU's check_refcounts_l2.
+fn count_alloc(res: &mut CheckResult, next_contiguous: &mut u64, host: u64, cs: u64) {
+    res.allocated_clusters += 1;
+    if *next_contiguous != 0 && host != *next_contiguous {
+        res.fragmented_clusters += 1;
+    }
+    *next_contiguous = host + cs;
+}
+
 struct Walker<'a> {
     st: &'a dyn Storage,
     h: &'a Header,
@@ -115,7 +124,8 @@ impl Walker<'_> {
                 res.corruptions += 1;
                 continue;
             }
-            for entry in self.read_table(l2)? {
+            let words = self.geo.entry_words();
+            for entry in self.read_table(l2)?.into_iter().step_by(words) {
                 let m = match Mapping::decode(entry, &self.geo) {
                     Ok(m) => m,
                     Err(_) => {
@@ -129,14 +139,17 @@ impl Walker<'_> {
                         res.compressed_clusters += 1;
                         res.fragmented_clusters += 1;
                     }
-                    Mapping::Data { host, .. } | Mapping::Zero { host } if host != 0 && active => {
-                        res.allocated_clusters += 1;
-                        if next_contiguous != 0 && host != next_contiguous {
-                            res.fragmented_clusters += 1;
-                        }
-                        next_contiguous = host + cs;
+                    Mapping::Data { host, .. } if active => {
+                        count_alloc(res, &mut next_contiguous, host, cs);
+                    }
+                    Mapping::Zero { host } if host != 0 && active => {
+                        count_alloc(res, &mut next_contiguous, host, cs);
                     }
                     _ => {}
+                }
+                // Data clusters in an external data file have no refcounts.
+                if self.geo.data_file {
+                    continue;
                 }
                 if let Some((off, len)) = m.host_range(cs) {
                     refs.add(res, off, len);
@@ -389,13 +402,18 @@ fn check_copied(
         }
         let mut t = w.read_table(l2)?;
         let mut dirty = false;
-        for entry in t.iter_mut() {
+        for entry in t.iter_mut().step_by(geo.entry_words()) {
             let host = match Mapping::decode(*entry, geo) {
                 Ok(Mapping::Data { host, .. }) => host,
                 Ok(Mapping::Zero { host }) if host != 0 => host,
                 _ => continue,
             };
-            let r = rc.get(st, host >> geo.cluster_bits)?;
+            // Clusters of an external data file always count as refcount 1.
+            let r = if geo.data_file {
+                1
+            } else {
+                rc.get(st, host >> geo.cluster_bits)?
+            };
             if (r == 1) != (*entry & COPIED != 0) {
                 if fix {
                     *entry = if r == 1 {

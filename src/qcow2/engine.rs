@@ -49,11 +49,22 @@ pub struct Qcow2 {
     meta: RwLock<Meta>,
     backing: Option<Box<dyn BackingRead>>,
     crypt: Option<Arc<dyn ClusterCrypt>>,
+    /// External data file (guest data lives there at host offset = guest offset).
+    data: Option<Box<dyn Storage>>,
 }
+
+/// Subcluster bitmap of a cluster whose subclusters all read as zeroes.
+const ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
+/// Subcluster bitmap of a fully allocated cluster.
+const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 
 thread_local! {
     static BOUNCE: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
+
+/// Size of the data-cluster reserve pool: at most this many clusters / bytes.
+const POOL_CLUSTERS: u64 = 64;
+const POOL_BYTES: u64 = 4 << 20;
 
 /// Limit of pending frees before a write forces a barrier.
 const MAX_PENDING_FREES: usize = 4096;
@@ -181,6 +192,17 @@ impl Qcow2 {
         backing: Option<Box<dyn BackingRead>>,
         crypt: Option<Arc<dyn ClusterCrypt>>,
     ) -> Result<Self> {
+        Self::open_with_data_file(storage, None, opts, backing, crypt)
+    }
+
+    /// As [`Qcow2::open`], with the external data file the header names (incompatible bit 2).
+    pub fn open_with_data_file(
+        storage: Box<dyn Storage>,
+        data: Option<Box<dyn Storage>>,
+        opts: &Qcow2Options,
+        backing: Option<Box<dyn BackingRead>>,
+        crypt: Option<Arc<dyn ClusterCrypt>>,
+    ) -> Result<Self> {
         let header = Header::read(storage.as_ref())?;
         if header.crypt_method != 0 && crypt.is_none() {
             return Err(Error::NeedKey(header.crypt_method));
@@ -188,11 +210,13 @@ impl Qcow2 {
         if header.is_corrupt() && !opts.read_only {
             return Err(Error::Corrupt);
         }
-        if header.extended_l2() {
-            return Err(Error::Unsupported("extended L2 entries (subclusters)"));
+        if header.data_file.is_some() && data.is_none() {
+            return Err(Error::Unsupported(
+                "the image has an external data file but none was opened",
+            ));
         }
-        if header.data_file.is_some() {
-            return Err(Error::Unsupported("external data file"));
+        if header.data_file.is_some() && header.crypt_method != 0 {
+            return Err(Error::Unsupported("encryption with an external data file"));
         }
         if header.backing_file.is_some() && backing.is_none() {
             return Err(Error::Unsupported(
@@ -215,6 +239,7 @@ impl Qcow2 {
             l2: L2Cache::new(cap),
             rc,
             pending_frees: Vec::new(),
+            pool: (0, 0),
             written: false,
         };
         let mut img = Self {
@@ -225,6 +250,7 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             backing,
             crypt,
+            data,
         };
         if img.header.is_dirty() && !img.read_only {
             log::info!("image was not closed cleanly: rebuilding refcounts");
@@ -287,17 +313,27 @@ impl Qcow2 {
         }
     }
 
-    /// The mapping of the guest cluster containing `offset`.
+    /// Where guest data lives: the external data file, or the image file.
+    fn data_st(&self) -> &dyn Storage {
+        self.data.as_deref().unwrap_or(self.storage.as_ref())
+    }
+
+    /// The mapping of the allocation unit (subcluster or cluster) containing `offset`.
     pub fn mapping(&self, offset: u64) -> Result<Mapping> {
-        let gc = self.geo.guest_cluster(offset);
         {
             let m = self.meta_r();
-            if let Lookup::Found(map) = m.lookup(gc, &self.geo)? {
+            if let Lookup::Found(map) = m.lookup(offset, &self.geo)? {
                 return Ok(map);
             }
         }
         let mut m = self.meta_w();
-        m.lookup_load(self.storage.as_ref(), gc, &self.geo)
+        m.lookup_load(self.storage.as_ref(), offset, &self.geo)
+    }
+
+    /// Bytes from `pos` to the end of its unit (subcluster or cluster), capped at `end`.
+    fn unit_left(&self, pos: u64, end: u64) -> u64 {
+        let u = self.geo.unit_size();
+        (u - (pos & (u - 1))).min(end - pos)
     }
 
     // ---------------------------------------------------------------- reads
@@ -316,15 +352,33 @@ impl Qcow2 {
                 Some(m) => m,
                 None => self.mapping(pos)?,
             };
-            let first = (cs - self.geo.in_cluster(pos)).min(end - pos);
-            // Extend the run over following clusters that continue it.
-            let mut run = first;
+            if let Mapping::Compressed {
+                offset: co,
+                len: cl,
+            } = m
+            {
+                // The whole rest of the cluster, whatever the subcluster size.
+                let n = (cs - self.geo.in_cluster(pos)).min(end - pos);
+                let mut slices = cur.take(to_usize(n)?);
+                let mut buf = vec![0u8; self.geo.cluster_usize()];
+                self.read_compressed(co, cl, &mut buf)?;
+                let mut p = to_usize(self.geo.in_cluster(pos))?;
+                for s in slices.iter_mut() {
+                    let k = s.len();
+                    s.copy_from_slice(&buf[p..p + k]);
+                    p += k;
+                }
+                pos += n;
+                continue;
+            }
+            // Extend the run over following units that continue it.
+            let mut run = self.unit_left(pos, end);
             while pos + run < end {
                 let p2 = pos + run;
                 let m2 = self.mapping(p2)?;
                 let cont = match (m, m2) {
                     (Mapping::Data { host: h1, .. }, Mapping::Data { host: h2, .. }) => {
-                        h2 == h1 + (p2 - (pos - self.geo.in_cluster(pos)))
+                        h2 + self.geo.in_cluster(p2) == h1 + self.geo.in_cluster(pos) + run
                     }
                     (Mapping::Unallocated, Mapping::Unallocated) => true,
                     (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
@@ -334,29 +388,16 @@ impl Qcow2 {
                     next = Some(m2);
                     break;
                 }
-                run += (end - p2).min(cs);
+                run += self.unit_left(p2, end);
             }
-            let run_usize = to_usize(run)?;
-            let mut slices = cur.take(run_usize);
+            let mut slices = cur.take(to_usize(run)?);
             match m {
                 Mapping::Data { host, .. } => {
                     self.read_data(host + self.geo.in_cluster(pos), pos, &mut slices)?
                 }
                 Mapping::Zero { .. } => fill_zero(&mut slices),
                 Mapping::Unallocated => self.read_backing(pos, &mut slices)?,
-                Mapping::Compressed {
-                    offset: co,
-                    len: cl,
-                } => {
-                    let mut buf = vec![0u8; self.geo.cluster_usize()];
-                    self.read_compressed(co, cl, &mut buf)?;
-                    let mut p = to_usize(self.geo.in_cluster(pos))?;
-                    for s in slices.iter_mut() {
-                        let n = s.len();
-                        s.copy_from_slice(&buf[p..p + n]);
-                        p += n;
-                    }
-                }
+                Mapping::Compressed { .. } => {}
             }
             pos += run;
         }
@@ -365,7 +406,7 @@ impl Qcow2 {
 
     fn read_data(&self, host: u64, guest: u64, slices: &mut [IoSliceMut<'_>]) -> Result<()> {
         let Some(crypt) = &self.crypt else {
-            self.storage.readv_at(slices, host)?;
+            self.data_st().readv_at(slices, host)?;
             return Ok(());
         };
         if slices.iter().all(|s| s.len() % 512 == 0) {
@@ -441,25 +482,33 @@ impl Qcow2 {
         compressed::decompress(self.geo.compression_type, &inp, out, offset)
     }
 
-    /// Fills `buf` (one cluster) with the current content of guest cluster `gc_off`.
-    fn cluster_content(&self, m: Mapping, gc_off: u64, buf: &mut [u8]) -> Result<()> {
+    /// Fills `buf` with the current content of the guest range at `guest` (within one unit of
+    /// mapping `m`, or one cluster).
+    fn content(&self, m: Mapping, guest: u64, buf: &mut [u8]) -> Result<()> {
         match m {
             Mapping::Unallocated => {
                 let mut s = [IoSliceMut::new(buf)];
-                self.read_backing(gc_off, &mut s)
+                self.read_backing(guest, &mut s)
             }
             Mapping::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
             }
             Mapping::Data { host, .. } => {
-                self.storage.read_at(buf, host)?;
+                let h = host + self.geo.in_cluster(guest);
+                self.data_st().read_at(buf, h)?;
                 if let Some(c) = &self.crypt {
-                    c.decrypt(buf, host, gc_off)?;
+                    c.decrypt(buf, h, guest)?;
                 }
                 Ok(())
             }
-            Mapping::Compressed { offset, len } => self.read_compressed(offset, len, buf),
+            Mapping::Compressed { offset, len } => {
+                let mut c = vec![0u8; self.geo.cluster_usize()];
+                self.read_compressed(offset, len, &mut c)?;
+                let i = to_usize(self.geo.in_cluster(guest))?;
+                buf.copy_from_slice(&c[i..i + buf.len()]);
+                Ok(())
+            }
         }
     }
 
@@ -502,12 +551,12 @@ impl Qcow2 {
         let mut runs: Vec<(u64, u64, u64)> = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let n = (self.geo.cluster_size - self.geo.in_cluster(pos)).min(end - pos);
+            let n = self.unit_left(pos, end);
             let gc = self.geo.guest_cluster(pos);
             let l1_copied =
                 m.l1.get(self.geo.split(gc)?.0)
                     .is_some_and(|e| e & COPIED != 0);
-            match m.lookup(gc, &self.geo)? {
+            match m.lookup(pos, &self.geo)? {
                 Lookup::Found(Mapping::Data { host, copied: true }) if l1_copied => {
                     let h = host + self.geo.in_cluster(pos);
                     match runs.last_mut() {
@@ -525,7 +574,7 @@ impl Qcow2 {
     /// Writes guest data to a host range, encrypting into a bounce buffer when needed.
     fn write_data(&self, host: u64, guest: u64, src: &[IoSlice<'_>]) -> Result<()> {
         let Some(crypt) = &self.crypt else {
-            self.storage.writev_at(src, host)?;
+            self.data_st().writev_at(src, host)?;
             return Ok(());
         };
         let n: usize = src.iter().map(|s| s.len()).sum();
@@ -579,7 +628,7 @@ impl Qcow2 {
         let e = *m.l1.get(l1i).ok_or(Error::TooLarge)?;
         let old = e & OFFSET_MASK;
         if old != 0 && e & COPIED != 0 {
-            m.load_l2(st, old, &self.geo)?;
+            self.ensure_l2_cached(m, old, pw)?;
             return Ok(old);
         }
         let table = if old == 0 {
@@ -608,14 +657,47 @@ impl Qcow2 {
         Ok(new)
     }
 
-    /// Sets L2 entry `l2i` of the (writable, cached) table at `l2` and queues its write.
-    fn set_l2(&self, m: &mut Meta, l2: u64, l2i: usize, v: u64, pw: &mut PtrWrites) -> Result<()> {
+    /// Makes sure the L2 table at `l2` is cached; if it was evicted during this request, reloads
+    /// it and replays the request's pending (not yet written) entries into it.
+    fn ensure_l2_cached(&self, m: &mut Meta, l2: u64, pw: &PtrWrites) -> Result<()> {
+        if m.l2.get_mut(l2).is_some() {
+            return Ok(());
+        }
+        m.load_l2(self.storage.as_ref(), l2, &self.geo)?;
         let t = m.l2.get_mut(l2).ok_or(Error::BadOffset {
             what: "L2 table",
             offset: l2,
         })?;
-        t[l2i] = v;
-        pw.l2.insert(l2 + (l2i as u64) * 8, v);
+        for (&off, &v) in pw.l2.range(l2..l2 + self.geo.cluster_size) {
+            t[to_usize((off - l2) / 8)?] = v;
+        }
+        Ok(())
+    }
+
+    /// Sets L2 entry `l2i` (and its bitmap with extended L2) of the writable, cached table at
+    /// `l2`, and queues the write.
+    fn set_l2(
+        &self,
+        m: &mut Meta,
+        l2: u64,
+        l2i: usize,
+        entry: u64,
+        bitmap: u64,
+        pw: &mut PtrWrites,
+    ) -> Result<()> {
+        self.ensure_l2_cached(m, l2, pw)?;
+        let t = m.l2.get_mut(l2).ok_or(Error::BadOffset {
+            what: "L2 table",
+            offset: l2,
+        })?;
+        let w = l2i * self.geo.entry_words();
+        t[w] = entry;
+        let at = l2 + (w as u64) * 8;
+        pw.l2.insert(at, entry);
+        if self.geo.extended {
+            t[w + 1] = bitmap;
+            pw.l2.insert(at + 8, bitmap);
+        }
         Ok(())
     }
 
@@ -656,10 +738,54 @@ impl Qcow2 {
         }
         self.storage.sync()?;
         let frees = std::mem::take(&mut m.pending_frees);
+        let mut freed = Vec::new();
         for (off, len) in frees {
-            if let Err(e) = m.rc.free(self.storage.as_ref(), off, len) {
+            if let Err(e) = m.rc.free(self.storage.as_ref(), off, len, &mut freed) {
                 log::warn!("cannot free cluster at {off:#x}: {e}");
             }
+        }
+        // Give the space of clusters nobody references back to the file system (as QEMU does
+        // with discard=unmap); every reuse rewrites a cluster in full.
+        freed.sort_unstable();
+        let cs = self.geo.cluster_size;
+        let mut i = 0;
+        while i < freed.len() {
+            let start = freed[i];
+            let mut end = start + cs;
+            i += 1;
+            while i < freed.len() && freed[i] == end {
+                end += cs;
+                i += 1;
+            }
+            if let Err(e) = self.storage.punch_hole(start, end - start) {
+                log::debug!("cannot punch a hole at {start:#x}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A data cluster from the reserve pool. The pool's refcounts are made durable when it is
+    /// refilled (one sync per pool, not per write), so pointing an L2 entry at a pool cluster
+    /// needs no barrier. A crash leaks the unused rest of the pool at worst.
+    fn alloc_data_cluster(&self, m: &mut Meta) -> Result<u64> {
+        let cs = self.geo.cluster_size;
+        if m.pool.0 >= m.pool.1 {
+            let n = (POOL_BYTES / cs).clamp(1, POOL_CLUSTERS);
+            let first = m.rc.alloc(self.storage.as_ref(), n)?;
+            self.storage.sync()?;
+            m.pool = (first, first + n * cs);
+        }
+        let c = m.pool.0;
+        m.pool.0 += cs;
+        Ok(c)
+    }
+
+    /// Returns the unused pool clusters (on close).
+    fn release_pool(&self, m: &mut Meta) -> Result<()> {
+        let (a, b) = m.pool;
+        m.pool = (0, 0);
+        if a < b {
+            m.rc.free(self.storage.as_ref(), a, b - a, &mut Vec::new())?;
         }
         Ok(())
     }
@@ -674,50 +800,146 @@ impl Qcow2 {
         let mut cur = IovRef::new(bufs);
         let mut pw = PtrWrites::default();
         let mut pos = offset;
-        let mut buf: Vec<u8> = Vec::new();
         while pos < end {
             let inc = self.geo.in_cluster(pos);
             let n = (cs - inc).min(end - pos);
             let gc = self.geo.guest_cluster(pos);
             let gc_off = pos - inc;
-            let map = m.lookup_load(st, gc, &self.geo)?;
-            let l1 = self.geo.split(gc)?.0;
-            let l1_copied = m.l1.get(l1).is_some_and(|e| e & COPIED != 0);
+            let (entry, bitmap) = m.entry_load(st, gc, &self.geo)?;
+            let cmap = Mapping::decode(entry, &self.geo)?;
+            let (l1i, l2i) = self.geo.split(gc)?;
+            let l1_copied = m.l1.get(l1i).is_some_and(|e| e & COPIED != 0);
             let src = cur.take(to_usize(n)?);
-            if let (Mapping::Data { host, copied: true }, true) = (map, l1_copied) {
-                self.write_data(host + inc, pos, &src)?;
+            if let (Mapping::Data { host, copied: true }, true) = (cmap, l1_copied) {
+                if self.geo.extended {
+                    let l2 = m.l2_offset(l1i, &self.geo)?;
+                    let nb = self.write_subclusters_in_place(host, entry, bitmap, pos, &src)?;
+                    if nb != bitmap {
+                        self.set_l2(m, l2, l2i, entry, nb, &mut pw)?;
+                    }
+                } else {
+                    self.write_data(host + inc, pos, &src)?;
+                }
                 pos += n;
                 continue;
             }
-            let (l1i, l2i) = self.geo.split(gc)?;
             let l2 = self.l2_writable(m, l1i, &mut pw)?;
-            let new = m.rc.alloc(st, 1)?;
-            pw.need_sync = true;
-            if n == cs && self.crypt.is_none() {
-                st.writev_at(&src, new)?;
+            let new = if self.geo.data_file {
+                gc_off
             } else {
-                buf.resize(self.geo.cluster_usize(), 0);
-                if n < cs {
-                    self.cluster_content(map, gc_off, &mut buf)?;
+                self.alloc_data_cluster(m)?
+            };
+            let mut new_bitmap = 0;
+            if n == cs && self.crypt.is_none() {
+                self.data_st().writev_at(&src, new)?;
+                new_bitmap = ALL_ALLOCATED;
+            } else {
+                let mut buf = vec![0u8; self.geo.cluster_usize()];
+                if self.geo.extended {
+                    new_bitmap = self.fill_subclusters(entry, bitmap, gc_off, inc, n, &mut buf)?;
+                } else if n < cs {
+                    self.content(cmap, gc_off, &mut buf)?;
                 }
                 let i = to_usize(inc)?;
                 copy_from(&src, &mut buf[i..i + to_usize(n)?]);
                 match &self.crypt {
-                    None => st.write_at(&buf, new)?,
+                    None => self.data_st().write_at(&buf, new)?,
                     Some(c) => {
                         let mut enc = vec![0u8; buf.len()];
                         c.encrypt_to(&buf, &mut enc, new, gc_off)?;
-                        st.write_at(&enc, new)?;
+                        self.data_st().write_at(&enc, new)?;
                     }
                 }
             }
-            self.set_l2(m, l2, l2i, new | COPIED, &mut pw)?;
-            if let Some(r) = map.host_range(cs) {
-                m.pending_frees.push(r);
+            self.set_l2(m, l2, l2i, new | COPIED, new_bitmap, &mut pw)?;
+            if !self.geo.data_file {
+                if let Some(r) = cmap.host_range(cs) {
+                    m.pending_frees.push(r);
+                }
             }
             pos += n;
         }
         self.commit(m, pw)
+    }
+
+    /// Extended L2, new cluster: fills `buf` with the old content of every subcluster that is
+    /// allocated or partially written (`inc..inc+n`), and returns the new bitmap.
+    fn fill_subclusters(
+        &self,
+        entry: u64,
+        bitmap: u64,
+        gc_off: u64,
+        inc: u64,
+        n: u64,
+        buf: &mut [u8],
+    ) -> Result<u64> {
+        let cmap = Mapping::decode(entry, &self.geo)?;
+        if let Mapping::Compressed { .. } = cmap {
+            self.content(cmap, gc_off, buf)?;
+            return Ok(ALL_ALLOCATED);
+        }
+        let sc = self.geo.unit_size();
+        let (j0, j1) = (inc / sc, (inc + n - 1) / sc);
+        let mut alloc = bitmap & ALL_ALLOCATED;
+        let mut zero = bitmap >> 32;
+        for j in 0..32u64 {
+            let (s, e) = (j * sc, (j + 1) * sc);
+            let touched = (j0..=j1).contains(&j);
+            let full = touched && inc <= s && inc + n >= e;
+            let allocated = alloc & (1 << j) != 0;
+            if (touched && !full) || allocated {
+                let jj = u32::try_from(j).map_err(|_| Error::TooLarge)?;
+                let m = Mapping::decode_sub(entry, bitmap, jj, &self.geo)?;
+                self.content(m, gc_off + s, &mut buf[to_usize(s)?..to_usize(e)?])?;
+            }
+            if touched {
+                alloc |= 1 << j;
+                zero &= !(1 << j);
+            }
+        }
+        Ok((zero << 32) | alloc)
+    }
+
+    /// Extended L2, cluster writable in place: writes the touched subclusters (filling partial
+    /// ones that were not allocated) and returns the new bitmap.
+    fn write_subclusters_in_place(
+        &self,
+        host: u64,
+        entry: u64,
+        bitmap: u64,
+        pos: u64,
+        src: &[IoSlice<'_>],
+    ) -> Result<u64> {
+        let sc = self.geo.unit_size();
+        let n: u64 = src.iter().map(|s| s.len() as u64).sum();
+        let end = pos + n;
+        let gc_off = pos - self.geo.in_cluster(pos);
+        let mut cur = IovRef::new(src);
+        let mut nb = bitmap;
+        let mut p = pos;
+        while p < end {
+            let k = self.unit_left(p, end);
+            let piece = cur.take(to_usize(k)?);
+            let j = self.geo.in_cluster(p) / sc;
+            let sub_start = gc_off + j * sc;
+            let allocated = bitmap & (1 << j) != 0;
+            if allocated || k == sc {
+                self.write_data(host + (p - gc_off), p, &piece)?;
+            } else {
+                let jj = u32::try_from(j).map_err(|_| Error::TooLarge)?;
+                let m = Mapping::decode_sub(entry, bitmap, jj, &self.geo)?;
+                let mut buf = vec![0u8; to_usize(sc)?];
+                self.content(m, sub_start, &mut buf)?;
+                let i = to_usize(p - sub_start)?;
+                copy_from(&piece, &mut buf[i..i + to_usize(k)?]);
+                let whole = [IoSlice::new(&buf)];
+                self.write_data(host + j * sc, sub_start, &whole)?;
+            }
+            nb |= 1 << j;
+            nb &= !(1 << (32 + j));
+            p += k;
+        }
+        Ok(nb)
     }
 
     /// Makes every completed write durable; then releases clusters dropped since the last flush.
@@ -725,8 +947,15 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.meta_w();
+        // Everything completed so far is in the page cache: sync it without blocking I/O.
+        if let Some(d) = &self.data {
+            d.sync()?;
+        }
         self.storage.sync()?;
+        if self.meta_r().pending_frees.is_empty() {
+            return Ok(());
+        }
+        let mut m = self.meta_w();
         if !m.pending_frees.is_empty() {
             self.apply_frees(&mut m)?;
             self.storage.sync()?;
@@ -812,21 +1041,31 @@ impl Qcow2 {
         while pos < b {
             let gc = self.geo.guest_cluster(pos);
             let (l1i, l2i) = self.geo.split(gc)?;
-            let map = m.lookup_load(st, gc, &self.geo)?;
+            let (entry, bitmap) = m.entry_load(st, gc, &self.geo)?;
+            let map = Mapping::decode(entry, &self.geo)?;
             pos += cs;
-            let new = if v3 { ZERO } else { 0 };
-            let skip = match map {
-                Mapping::Zero { host: 0 } => true,
-                Mapping::Unallocated => !(v3 && has_backing),
-                _ => false,
+            let (new, new_bitmap, skip) = if self.geo.extended {
+                let unallocated = map == Mapping::Unallocated;
+                let skip = unallocated
+                    && (bitmap == ALL_ZEROES || (bitmap & ALL_ALLOCATED == 0 && !has_backing));
+                (0, ALL_ZEROES, skip)
+            } else {
+                let skip = match map {
+                    Mapping::Zero { host: 0 } => true,
+                    Mapping::Unallocated => !(v3 && has_backing),
+                    _ => false,
+                };
+                (if v3 { ZERO } else { 0 }, 0, skip)
             };
             if skip {
                 continue;
             }
             let l2 = self.l2_writable(m, l1i, &mut pw)?;
-            self.set_l2(m, l2, l2i, new, &mut pw)?;
-            if let Some(r) = map.host_range(cs) {
-                m.pending_frees.push(r);
+            self.set_l2(m, l2, l2i, new, new_bitmap, &mut pw)?;
+            if !self.geo.data_file {
+                if let Some(r) = map.host_range(cs) {
+                    m.pending_frees.push(r);
+                }
             }
         }
         self.commit(m, pw)?;
@@ -849,14 +1088,20 @@ impl Qcow2 {
             let mut pw = PtrWrites::default();
             let l2 = self.l2_writable(m, l1i, &mut pw)?;
             let n = (nclusters - gc).min(per_l2 - (gc & (per_l2 - 1)));
-            let host = m.rc.alloc(st, n)?;
+            let host = if self.geo.data_file {
+                gc * cs
+            } else {
+                m.rc.alloc(st, n)?
+            };
             if full {
-                st.write_zeroes(host, n * cs)?;
+                self.data_st().write_zeroes(host, n * cs)?;
             }
-            end_of_data = end_of_data.max(host + n * cs);
+            if !self.geo.data_file {
+                end_of_data = end_of_data.max(host + n * cs);
+            }
             for i in 0..n {
                 let (_, l2i) = self.geo.split(gc + i)?;
-                self.set_l2(m, l2, l2i, (host + i * cs) | COPIED, &mut pw)?;
+                self.set_l2(m, l2, l2i, (host + i * cs) | COPIED, ALL_ALLOCATED, &mut pw)?;
             }
             pw.need_sync = true;
             self.commit(m, pw)?;
@@ -872,6 +1117,12 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        if !self.read_only {
+            let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.release_pool(&mut m) {
+                log::warn!("releasing reserved clusters on close failed: {e}");
+            }
+        }
         if let Err(e) = self.flush() {
             log::warn!("flush on close failed: {e}");
         }

@@ -42,10 +42,15 @@ impl Mapping {
             return Ok(Mapping::Compressed { offset, len });
         }
         let host = entry & OFFSET_MASK;
-        if entry & ZERO != 0 {
+        // With extended L2, bit 0 is reserved: zeroes are per subcluster, in the bitmap.
+        if entry & ZERO != 0 && !geo.extended {
             return Ok(Mapping::Zero { host });
         }
         if host == 0 {
+            // Offset 0 is valid in an external data file, where COPIED tells it apart.
+            if geo.data_file && entry & COPIED != 0 {
+                return Ok(Mapping::Data { host, copied: true });
+            }
             return Ok(Mapping::Unallocated);
         }
         if host & (geo.cluster_size - 1) != 0 {
@@ -58,6 +63,32 @@ impl Mapping {
             host,
             copied: entry & COPIED != 0,
         })
+    }
+
+    /// Decodes subcluster `j` of an extended L2 entry (`entry`, `bitmap`).
+    pub fn decode_sub(entry: u64, bitmap: u64, j: u32, geo: &Geometry) -> Result<Self, Error> {
+        let cluster = Self::decode(entry, geo)?;
+        if let Mapping::Compressed { .. } = cluster {
+            return Ok(cluster);
+        }
+        let alloc = bitmap & (1u64 << j) != 0;
+        let zero = bitmap & (1u64 << (32 + j)) != 0;
+        let host = entry & OFFSET_MASK;
+        match (alloc, zero) {
+            (true, true) => Err(Error::BadOffset {
+                what: "subcluster both allocated and zero",
+                offset: host,
+            }),
+            (true, false) if host == 0 && !(geo.data_file && entry & COPIED != 0) => {
+                Err(Error::BadOffset {
+                    what: "allocated subcluster without a host cluster",
+                    offset: 0,
+                })
+            }
+            (true, false) => Ok(cluster),
+            (false, true) => Ok(Mapping::Zero { host: 0 }),
+            (false, false) => Ok(Mapping::Unallocated),
+        }
     }
 
     /// The host range a cluster mapping holds a reference on, if any.
@@ -150,11 +181,13 @@ pub struct Meta {
     pub pending_frees: Vec<(u64, u64)>,
     /// Whether the first-write header update (autoclear bits) was done.
     pub written: bool,
+    /// Reserved data clusters (refcount 1, durable, not yet referenced): `pool.0..pool.1`.
+    pub pool: (u64, u64),
 }
 
 /// Result of a lookup under the read lock.
-pub enum Lookup {
-    Found(Mapping),
+pub enum Lookup<T = Mapping> {
+    Found(T),
     /// The L2 table at this offset must be loaded first.
     Miss(u64),
 }
@@ -173,16 +206,29 @@ impl Meta {
         Ok(off)
     }
 
-    /// Looks up guest cluster `gc` without loading anything.
-    pub fn lookup(&self, gc: u64, geo: &Geometry) -> Result<Lookup, Error> {
+    /// The raw L2 entry (and bitmap, 0 without extended L2) of guest cluster `gc`, without
+    /// loading anything. An absent L2 table reads as (0, 0).
+    pub fn lookup_entry(&self, gc: u64, geo: &Geometry) -> Result<Lookup<(u64, u64)>, Error> {
         let (l1i, l2i) = geo.split(gc)?;
         let l2 = self.l2_offset(l1i, geo)?;
         if l2 == 0 {
-            return Ok(Lookup::Found(Mapping::Unallocated));
+            return Ok(Lookup::Found((0, 0)));
         }
         match self.l2.get(l2) {
-            Some(t) => Ok(Lookup::Found(Mapping::decode(t[l2i], geo)?)),
+            Some(t) => {
+                let w = l2i * geo.entry_words();
+                let bitmap = if geo.extended { t[w + 1] } else { 0 };
+                Ok(Lookup::Found((t[w], bitmap)))
+            }
             None => Ok(Lookup::Miss(l2)),
+        }
+    }
+
+    /// The mapping of the allocation unit (subcluster or cluster) holding guest `offset`.
+    pub fn lookup(&self, offset: u64, geo: &Geometry) -> Result<Lookup, Error> {
+        match self.lookup_entry(geo.guest_cluster(offset), geo)? {
+            Lookup::Miss(off) => Ok(Lookup::Miss(off)),
+            Lookup::Found((e, b)) => Ok(Lookup::Found(unit_mapping(e, b, offset, geo)?)),
         }
     }
 
@@ -216,19 +262,19 @@ impl Meta {
         Ok(())
     }
 
-    /// Looks up guest cluster `gc`, loading its L2 table if needed (write lock held).
-    pub fn lookup_load(
+    /// The raw entry of guest cluster `gc`, loading its L2 table if needed (write lock held).
+    pub fn entry_load(
         &mut self,
         storage: &dyn Storage,
         gc: u64,
         geo: &Geometry,
-    ) -> Result<Mapping, Error> {
-        match self.lookup(gc, geo)? {
-            Lookup::Found(m) => Ok(m),
+    ) -> Result<(u64, u64), Error> {
+        match self.lookup_entry(gc, geo)? {
+            Lookup::Found(e) => Ok(e),
             Lookup::Miss(off) => {
                 self.load_l2(storage, off, geo)?;
-                match self.lookup(gc, geo)? {
-                    Lookup::Found(m) => Ok(m),
+                match self.lookup_entry(gc, geo)? {
+                    Lookup::Found(e) => Ok(e),
                     Lookup::Miss(off) => Err(Error::BadOffset {
                         what: "L2 table",
                         offset: off,
@@ -236,5 +282,32 @@ impl Meta {
                 }
             }
         }
+    }
+
+    /// The unit mapping of guest `offset`, loading its L2 table if needed (write lock held).
+    pub fn lookup_load(
+        &mut self,
+        storage: &dyn Storage,
+        offset: u64,
+        geo: &Geometry,
+    ) -> Result<Mapping, Error> {
+        let (e, b) = self.entry_load(storage, geo.guest_cluster(offset), geo)?;
+        unit_mapping(e, b, offset, geo)
+    }
+}
+
+/// The mapping of the unit holding `offset`, from its cluster's raw entry.
+pub fn unit_mapping(
+    entry: u64,
+    bitmap: u64,
+    offset: u64,
+    geo: &Geometry,
+) -> Result<Mapping, Error> {
+    if geo.extended {
+        let j =
+            u32::try_from(geo.in_cluster(offset) >> geo.unit_bits).map_err(|_| Error::TooLarge)?;
+        Mapping::decode_sub(entry, bitmap, j, geo)
+    } else {
+        Mapping::decode(entry, geo)
     }
 }

@@ -14,6 +14,12 @@ pub struct Geometry {
     pub size: u64,
     pub version: u32,
     pub compression_type: u8,
+    /// Extended L2 entries (128 bits, 32 subclusters).
+    pub extended: bool,
+    /// log2 of the allocation unit: the subcluster (extended L2) or the cluster.
+    pub unit_bits: u32,
+    /// An external data file holds the guest data (guest offset = host offset).
+    pub data_file: bool,
 }
 
 impl Geometry {
@@ -27,6 +33,13 @@ impl Geometry {
             size: h.size,
             version: h.version,
             compression_type: h.compression_type,
+            extended: h.extended_l2(),
+            unit_bits: if h.extended_l2() {
+                h.cluster_bits - 5
+            } else {
+                h.cluster_bits
+            },
+            data_file: h.incompatible & super::header::INCOMPAT_DATA_FILE != 0,
         }
     }
 
@@ -45,6 +58,20 @@ impl Geometry {
         let l1 = usize::try_from(gc >> self.l2_bits).map_err(|_| Error::TooLarge)?;
         let l2 = usize::try_from(gc & ((1u64 << self.l2_bits) - 1)).map_err(|_| Error::TooLarge)?;
         Ok((l1, l2))
+    }
+
+    /// Size of the allocation unit (subcluster or cluster).
+    pub fn unit_size(&self) -> u64 {
+        1 << self.unit_bits
+    }
+
+    /// 64-bit words per L2 entry.
+    pub fn entry_words(&self) -> usize {
+        if self.extended {
+            2
+        } else {
+            1
+        }
     }
 
     /// Size in bytes of a cluster-sized buffer.

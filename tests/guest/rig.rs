@@ -6,14 +6,14 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::vm::{
-    boot_guest, build_guest, file_tail, md5_hex, run_checked, temp_dir, which, Reaped, Serial,
-    QUEUES,
+    boot_guest, build_guest, file_tail, md5_file, md5_hex, run_checked, temp_dir, which, Reaped,
+    Serial, QUEUES,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -31,6 +31,112 @@ const PATTERN_BYTE: u8 = 0xa5;
 const PREFILL_OFFSET: u64 = 200 * MIB;
 const PREFILL_LEN: u64 = 4 * MIB;
 const PREFILL_BYTE: u8 = 0x5a;
+const KIB: u64 = 1024;
+/// Small writes by the guest inside one cluster, after the pattern: on a qcow2 image the rest of
+/// the cluster must come from the backing file (or be zero), which only the host checks see.
+const POKES: [Fill; 2] = [
+    Fill::new(PATTERN_OFFSET + PATTERN_LEN + 20 * KIB, 4 * KIB, 0xc3),
+    Fill::new(150 * MIB + 3 * KIB, KIB, 0xe7),
+];
+/// Regions the guest hashes after its writes (O_DIRECT, whole MiB), compared with what the host
+/// expects there: host-written data, the guest's own pattern and pokes, and the base image's
+/// content seen through an overlay.
+const GUEST_READS: [(&str, u64, u64); 4] = [
+    ("prefill", PREFILL_OFFSET, PREFILL_LEN),
+    ("pattern-edge", PATTERN_OFFSET + PATTERN_LEN - MIB, 2 * MIB),
+    ("poke", 150 * MIB, MIB),
+    ("base-edge", 159 * MIB, 2 * MIB),
+];
+/// What the base image of the overlay cases holds (written with qemu-io; zeroes elsewhere). It
+/// covers the fio region, the pattern and the first poke, ends inside the guest's reads, and
+/// has a second piece around the host's prefill.
+const BASE_FILLS: [Fill; 2] = [
+    Fill::new(0, 160 * MIB, 0x3c),
+    Fill::new(196 * MIB, 12 * MIB, 0x69),
+];
+
+/// `len` bytes of `byte` at `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fill {
+    pub offset: u64,
+    pub len: u64,
+    pub byte: u8,
+}
+
+impl Fill {
+    pub const fn new(offset: u64, len: u64, byte: u8) -> Self {
+        Fill { offset, len, byte }
+    }
+
+    fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// One stretch of the expected disk content: a byte, or `None` for fio's data (checked by hash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Region {
+    offset: u64,
+    len: u64,
+    byte: Option<u8>,
+}
+
+/// The expected content of the whole disk: `base` (zeroes where it says nothing), overwritten by
+/// `writes` in order. Adjacent stretches with the same content are merged.
+fn layout(base: &[Fill], writes: &[(u64, u64, Option<u8>)]) -> Vec<Region> {
+    let mut cuts = vec![0, DISK_SIZE];
+    for f in base {
+        cuts.extend([f.offset, f.end()]);
+    }
+    for &(o, l, _) in writes {
+        cuts.extend([o, o + l]);
+    }
+    cuts.retain(|&c| c <= DISK_SIZE);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out: Vec<Region> = Vec::new();
+    for w in cuts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let byte = writes
+            .iter()
+            .rev()
+            .find(|&&(o, l, _)| o <= a && a < o + l)
+            .map(|&(_, _, c)| c)
+            .unwrap_or_else(|| {
+                Some(
+                    base.iter()
+                        .rev()
+                        .find(|f| f.offset <= a && a < f.end())
+                        .map_or(0, |f| f.byte),
+                )
+            });
+        match out.last_mut() {
+            Some(last) if last.byte == byte && last.offset + last.len == a => last.len += b - a,
+            _ => out.push(Region {
+                offset: a,
+                len: b - a,
+                byte,
+            }),
+        }
+    }
+    out
+}
+
+/// The bytes `layout` says are at `offset..offset + len` (which must not overlap fio's data).
+fn expected_bytes(layout: &[Region], offset: u64, len: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(usize::try_from(len).expect("fits"));
+    for r in layout {
+        let a = r.offset.max(offset);
+        let b = (r.offset + r.len).min(offset + len);
+        if a < b {
+            let byte = r
+                .byte
+                .unwrap_or_else(|| panic!("{offset}+{len} overlaps fio's region"));
+            out.resize(out.len() + usize::try_from(b - a).expect("fits"), byte);
+        }
+    }
+    out
+}
 
 /// Who serves the image to QEMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,8 +157,25 @@ impl Backend {
     }
 }
 
-/// Creates an image of the given virtual size at the given path.
-pub type CreateImage = Box<dyn Fn(&Path, u64) -> Result<(), String>>;
+/// Creates an image of the given virtual size at the given path; returns the other files it
+/// made (backing files), which the backend must leave byte-for-byte unchanged.
+pub type CreateImage = Box<dyn Fn(&Path, u64) -> Result<Vec<PathBuf>, String>>;
+
+/// How qemu-storage-daemon opens the image: the `--blockdev` values, the exported node being
+/// `d`. The rig's self-tests use it to make qemu-storage-daemon misbehave.
+pub type QsdView = Box<dyn Fn(&Path) -> Vec<String>>;
+
+/// Who makes the overlay in [`ImageCase::qcow2_overlay`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverlayMaker {
+    /// `qemu-img create -f qcow2 -b base.qcow2 -F qcow2`.
+    QemuImg,
+    /// `vhost-user-qcow2 create --backing base.qcow2 --backing-format qcow2`.
+    Ours,
+}
+
+/// The name of the base image next to an overlay case's image (stored relative in the overlay).
+pub const BASE_NAME: &str = "base.qcow2";
 
 /// One image format as the rig sees it: how to create it, how QEMU's tools open it, and what the
 /// daemon needs besides `--image`.
@@ -69,6 +192,9 @@ pub struct ImageCase {
     pub daemon_args: Vec<String>,
     /// Creates the image file.
     pub create: CreateImage,
+    /// What the image reads as before anyone writes (zeroes where it says nothing): the base
+    /// image's content for an overlay.
+    pub base: Vec<Fill>,
     /// Run `qemu-img check` on the image afterwards (qcow2).
     pub qemu_img_check: bool,
     /// The image is encrypted: the plaintext patterns the guest and the host wrote must not
@@ -87,22 +213,26 @@ impl ImageCase {
             create: Box::new(|path, size| {
                 let f = std::fs::File::create(path).map_err(|e| format!("create {path:?}: {e}"))?;
                 f.set_len(size)
-                    .map_err(|e| format!("truncate {path:?}: {e}"))
+                    .map_err(|e| format!("truncate {path:?}: {e}"))?;
+                Ok(Vec::new())
             }),
+            base: Vec::new(),
             qemu_img_check: false,
             encrypted: false,
         }
     }
 
     /// A qcow2 image as `qemu-img create -f qcow2` makes it (v3, 64 KiB clusters).
-    #[allow(dead_code)] // for the qcow2 issue: `run_guest_fio(&ImageCase::qcow2(), Backend::Daemon)`
     pub fn qcow2() -> Self {
         ImageCase {
             name: "qcow2",
             format_opts: "driver=qcow2".to_owned(),
             objects: Vec::new(),
             daemon_args: Vec::new(),
-            create: Box::new(|path, size| qemu_img_create(&["-f", "qcow2"], path, size)),
+            create: Box::new(|path, size| {
+                qemu_img_create(&["-f", "qcow2"], path, size).map(|()| Vec::new())
+            }),
+            base: Vec::new(),
             qemu_img_check: true,
             encrypted: false,
         }
@@ -135,9 +265,58 @@ impl ImageCase {
                     path,
                     size,
                 )
+                .map(|()| Vec::new())
             }),
+            base: Vec::new(),
             qemu_img_check: true,
             encrypted: true,
+        }
+    }
+
+    /// A qcow2 overlay over a qcow2 base image ([`BASE_NAME`], next to it, named relative) that
+    /// holds [`BASE_FILLS`]. The base must stay byte-for-byte unchanged.
+    pub fn qcow2_overlay(maker: OverlayMaker) -> Self {
+        ImageCase {
+            name: match maker {
+                OverlayMaker::QemuImg => "qcow2-overlay",
+                OverlayMaker::Ours => "qcow2-overlay-ours",
+            },
+            format_opts: "driver=qcow2".to_owned(),
+            objects: Vec::new(),
+            daemon_args: Vec::new(),
+            create: Box::new(move |path, size| {
+                let base = path.with_file_name(BASE_NAME);
+                qemu_img_create(&["-f", "qcow2"], &base, size)?;
+                let mut io = Command::new("qemu-io");
+                io.args(["-f", "qcow2"]);
+                for f in BASE_FILLS {
+                    io.arg("-c")
+                        .arg(format!("write -P {:#04x} {} {}", f.byte, f.offset, f.len));
+                }
+                run_tool(io.arg(&base))?;
+                match maker {
+                    OverlayMaker::QemuImg => {
+                        qemu_img_create(
+                            &["-f", "qcow2", "-b", BASE_NAME, "-F", "qcow2"],
+                            path,
+                            size,
+                        )?;
+                    }
+                    OverlayMaker::Ours => {
+                        run_tool(
+                            Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
+                                .args(["create", "-f", "qcow2", "--backing", BASE_NAME])
+                                .args(["--backing-format", "qcow2"])
+                                .arg(path)
+                                .arg(size.to_string()),
+                        )?;
+                    }
+                }
+                Ok(vec![base])
+            }),
+            base: BASE_FILLS.to_vec(),
+            qemu_img_check: true,
+            encrypted: false,
         }
     }
 
@@ -230,7 +409,21 @@ fn gate(backend: Backend) -> Gate {
     Gate::Run
 }
 
-#[allow(dead_code)] // used by the qcow2 constructors
+/// Runs a tool, Err with its output if it fails.
+fn run_tool(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 fn qemu_img_create(args: &[&str], path: &Path, size: u64) -> Result<(), String> {
     let out = Command::new("qemu-img")
         .arg("create")
@@ -252,23 +445,19 @@ fn qemu_img_create(args: &[&str], path: &Path, size: u64) -> Result<(), String> 
 
 /// The shell script the guest runs (see tests/guest/init for what it provides).
 fn guest_script() -> String {
-    format!(
+    let mut script = format!(
         "\
 t() {{ echo \"E2E-TIME $1 $(cut -d' ' -f1 /proc/uptime)\"; }}
+w() {{ fio --name=w --filename=$DEV --direct=1 --rw=write --offset=$1 --size=$2 --bs=$3 \
+--buffer_pattern=$4 --end_fsync=1 --output-format=terse >/tmp/fio.out 2>&1 || {{ cat /tmp/fio.out; exit 1; }}; }}
 t start
 fio --name=verify --filename=$DEV --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite \
 --bsrange=4k-128k --size={job} --numjobs={jobs} --offset_increment={job} --cpus_allowed=0-{lastcpu} \
 --cpus_allowed_policy=split --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting \
 --output-format=terse --terse-version=3 >/tmp/fio.out 2>&1 || {{ cat /tmp/fio.out; exit 1; }}
 t fio-verify-done
-fio --name=pattern --filename=$DEV --direct=1 --rw=write --bs=1M --offset={poff} --size={plen} \
---buffer_pattern={pbyte:#04x} --end_fsync=1 --output-format=terse >/tmp/fio.out 2>&1 || {{ cat /tmp/fio.out; exit 1; }}
+w {poff} {plen} 1M {pbyte:#04x}
 t pattern-done
-e2e_md5 fio 0 {region}
-e2e_md5 prefill {foff} {flen}
-t hashes-done
-awk '/-req\\./ {{ s = 0; for (i = 2; i <= NF; i++) {{ if ($i ~ /^[0-9]+$/) s += $i; else break }}; \
-print \"E2E-IRQ\", $NF, s }}' /proc/interrupts
 ",
         job = FIO_JOB_SIZE,
         jobs = FIO_JOBS,
@@ -276,16 +465,46 @@ print \"E2E-IRQ\", $NF, s }}' /proc/interrupts
         poff = PATTERN_OFFSET,
         plen = PATTERN_LEN,
         pbyte = PATTERN_BYTE,
-        region = FIO_REGION,
-        foff = PREFILL_OFFSET,
-        flen = PREFILL_LEN,
-    )
+    );
+    for p in POKES {
+        let _ = writeln!(script, "w {} {} {} {:#04x}", p.offset, p.len, p.len, p.byte);
+    }
+    let _ = writeln!(script, "e2e_md5 fio 0 {FIO_REGION}");
+    for (name, offset, len) in GUEST_READS {
+        let _ = writeln!(script, "e2e_md5 {name} {offset} {len}");
+    }
+    script.push_str(
+        "t hashes-done
+awk '/-req\\./ { s = 0; for (i = 2; i <= NF; i++) { if ($i ~ /^[0-9]+$/) s += $i; else break }; \
+print \"E2E-IRQ\", $NF, s }' /proc/interrupts
+",
+    );
+    script
+}
+
+/// What the disk must hold after [`guest_script`] ran on an image that read as `base`.
+fn expected_layout(base: &[Fill]) -> Vec<Region> {
+    let mut writes = vec![
+        (PREFILL_OFFSET, PREFILL_LEN, Some(PREFILL_BYTE)),
+        (0, FIO_REGION, None),
+        (PATTERN_OFFSET, PATTERN_LEN, Some(PATTERN_BYTE)),
+    ];
+    writes.extend(POKES.iter().map(|p| (p.offset, p.len, Some(p.byte))));
+    layout(base, &writes)
+}
+
+/// The default [`QsdView`]: the image file under the case's format options.
+fn qsd_blockdevs(format_opts: &str, file: &Path) -> Vec<String> {
+    vec![
+        format!("driver=file,filename={},node-name=f", file.display()),
+        format!("{format_opts},file=f,node-name=d"),
+    ]
 }
 
 fn start_backend(
     backend: Backend,
     case: &ImageCase,
-    qsd_format_opts: &str,
+    qsd_view: Option<&QsdView>,
     image: &Path,
     socket: &Path,
     log: &Path,
@@ -312,12 +531,15 @@ fn start_backend(
         }
         Backend::QemuStorageDaemon => {
             let mut cmd = Command::new("qemu-storage-daemon");
-            cmd.args(case.object_args())
-                .arg("--blockdev")
-                .arg(format!("driver=file,filename={},node-name=f", image.display()))
-                .arg("--blockdev")
-                .arg(format!("{qsd_format_opts},file=f,node-name=d"))
-                .arg("--export")
+            cmd.args(case.object_args());
+            let blockdevs = match qsd_view {
+                Some(view) => view(image),
+                None => qsd_blockdevs(&case.format_opts, image),
+            };
+            for b in blockdevs {
+                cmd.arg("--blockdev").arg(b);
+            }
+            cmd.arg("--export")
                 .arg(format!(
                     "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path={},writable=on,num-queues={QUEUES}",
                     socket.display()
@@ -424,15 +646,7 @@ pub fn run_guest_reconnect(case: &ImageCase, backend: Backend) {
     let log = dir.path().join("backend.log");
     (case.create)(&image, DISK_SIZE)
         .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
-    let mut daemon = start_backend(
-        backend,
-        case,
-        &case.format_opts,
-        &image,
-        &socket,
-        &log,
-        false,
-    );
+    let mut daemon = start_backend(backend, case, None, &image, &socket, &log, false);
 
     let write = |byte: u8, offset: u64| {
         format!(
@@ -509,34 +723,45 @@ pub fn run_guest_reconnect(case: &ImageCase, backend: Backend) {
             socket.display()
         );
     }
-    let (ok, text) = case.qemu_io(
-        &image,
-        &[
-            format!("read -P 0x11 0 {}", 4 * MIB),
-            format!("read -P 0x22 {} {}", 4 * MIB, 4 * MIB),
-            format!("read -P 0 {} {}", 8 * MIB, DISK_SIZE - 8 * MIB),
-        ],
+    let expect = layout(
+        &case.base,
+        &[(0, 4 * MIB, Some(0x11)), (4 * MIB, 4 * MIB, Some(0x22))],
     );
+    let (ok, text) = case.qemu_io(&image, &read_pattern_cmds(&expect));
     assert!(ok, "qemu-io checks after two guests failed:\n{text}");
 }
 
-/// Boots the guest against `backend` serving a fresh image made by `case`, runs fio with
-/// crc32c verification on both queues and a pattern write, then checks from the host with
-/// qemu-io that the guest's bytes are in the file. Panics with the serial log tail on failure.
-pub fn run_guest_fio(case: &ImageCase, backend: Backend) {
-    run(case, backend, &case.format_opts);
+/// `qemu-io` commands checking every stretch of `layout` that holds a fixed byte.
+fn read_pattern_cmds(layout: &[Region]) -> Vec<String> {
+    layout
+        .iter()
+        .filter_map(|r| {
+            r.byte
+                .map(|b| format!("read -P {b:#04x} {} {}", r.offset, r.len))
+        })
+        .collect()
 }
 
-/// The rig's self-test: qemu-storage-daemon serves a view of the raw image shifted by 1 MiB, so
-/// the guest's own checks pass but the bytes land 1 MiB away from where the guest put them.
-/// The host-side checks must catch that. Returns the panic message they raised (empty if none),
+/// Boots the guest against `backend` serving a fresh image made by `case`, runs fio with
+/// crc32c verification on both queues, a pattern write and small writes inside clusters, then
+/// checks from the host: the backing files are unchanged, qemu-io finds the guest's bytes where
+/// it wrote them and the image's earlier content (zeroes, or the base image's) everywhere else,
+/// the guest read what the host expects, and `qemu-img check` is clean. Panics with the serial
+/// log tail on failure.
+pub fn run_guest_fio(case: &ImageCase, backend: Backend) {
+    run(case, backend, None);
+}
+
+/// Runs the flow with qemu-storage-daemon opening the image through `view` (a deliberately wrong
+/// view, for the rig's self-tests). Returns the panic message the run raised (empty if none),
 /// or `None` if the e2e tests are skipped.
-pub fn run_guest_fio_with_misplaced_writes() -> Option<String> {
-    let case = ImageCase::raw();
-    let shifted = format!("driver=raw,offset={MIB},size={}", DISK_SIZE - MIB);
-    eprintln!("rig self-test: a panic from the host-side checks is expected below");
+pub fn run_guest_fio_expecting_failure(case: &ImageCase, view: &QsdView) -> Option<String> {
+    eprintln!(
+        "rig self-test ({}): a panic from the host-side checks is expected below",
+        case.name
+    );
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run(&case, Backend::QemuStorageDaemon, &shifted)
+        run(case, Backend::QemuStorageDaemon, Some(view))
     }));
     match outcome {
         Ok(false) => None,
@@ -551,8 +776,34 @@ pub fn run_guest_fio_with_misplaced_writes() -> Option<String> {
     }
 }
 
+/// A view of the raw image shifted by 1 MiB: the guest's own checks pass but the bytes land
+/// 1 MiB away from where the guest put them.
+pub fn shifted_raw_view() -> QsdView {
+    Box::new(|image| {
+        qsd_blockdevs(
+            &format!("driver=raw,offset={MIB},size={}", DISK_SIZE - MIB),
+            image,
+        )
+    })
+}
+
+/// The overlay opened without its backing file: reads of unwritten clusters return zeroes and
+/// partial-cluster writes fill the rest of the cluster with zeroes instead of the base's data.
+pub fn overlay_without_backing_view() -> QsdView {
+    Box::new(|image| {
+        let mut b = qsd_blockdevs("", image);
+        b[1] = r#"{"driver":"qcow2","backing":null,"file":"f","node-name":"d"}"#.to_owned();
+        b
+    })
+}
+
+/// The base image served instead of the overlay: the guest writes into the backing file.
+pub fn overlay_base_instead_view() -> QsdView {
+    Box::new(|image| qsd_blockdevs("driver=qcow2", &image.with_file_name(BASE_NAME)))
+}
+
 /// Returns false if the run was skipped (see [`gate`]).
-fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
+fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> bool {
     if let Gate::Skip(why) = gate(backend) {
         eprintln!("SKIPPED e2e {} on {}: {why}", case.name, backend.name());
         return false;
@@ -565,7 +816,7 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
     let image = dir.path().join(format!("disk.{}", case.name));
     let socket = dir.path().join("vhost.sock");
     let backend_log = dir.path().join("backend.log");
-    (case.create)(&image, DISK_SIZE)
+    let backing_files = (case.create)(&image, DISK_SIZE)
         .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
 
     let qemu_io = |cmds: &[String]| case.qemu_io(&image, cmds);
@@ -573,16 +824,9 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
         "write -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"
     )]);
     assert!(ok, "qemu-io prefill failed:\n{text}");
+    let backing_md5: Vec<String> = backing_files.iter().map(|f| md5_file(f)).collect();
 
-    let mut daemon = start_backend(
-        backend,
-        case,
-        qsd_format_opts,
-        &image,
-        &socket,
-        &backend_log,
-        true,
-    );
+    let mut daemon = start_backend(backend, case, qsd_view, &image, &socket, &backend_log, true);
 
     let guest = boot_guest(&kernel, &initrd, &socket, &guest_script()).unwrap_or_else(|e| {
         panic!(
@@ -650,22 +894,20 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
         socket.display()
     );
 
-    // The bytes must be in the file: fixed patterns with qemu-io, the fio region by hash.
-    let (ok, text) = qemu_io(&[
-        format!("read -P {PATTERN_BYTE:#04x} {PATTERN_OFFSET} {PATTERN_LEN}"),
-        format!("read -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"),
-        format!("read -P 0 {FIO_REGION} {}", PATTERN_OFFSET - FIO_REGION),
-        format!(
-            "read -P 0 {} {}",
-            PATTERN_OFFSET + PATTERN_LEN,
-            PREFILL_OFFSET - PATTERN_OFFSET - PATTERN_LEN
-        ),
-        format!(
-            "read -P 0 {} {}",
-            PREFILL_OFFSET + PREFILL_LEN,
-            DISK_SIZE - PREFILL_OFFSET - PREFILL_LEN
-        ),
-    ]);
+    // Backing files are opened read-only: not one byte may change.
+    for (file, before) in backing_files.iter().zip(&backing_md5) {
+        assert_eq!(
+            &md5_file(file),
+            before,
+            "the backing file {} changed while the overlay was served",
+            file.display()
+        );
+    }
+
+    // The bytes must be in the image: fixed patterns with qemu-io (the guest's where it wrote,
+    // the image's earlier content everywhere else), the fio region by hash.
+    let expect = expected_layout(&case.base);
+    let (ok, text) = qemu_io(&read_pattern_cmds(&expect));
     assert!(ok, "qemu-io pattern checks failed:\n{text}");
 
     let raw = dir.path().join("export.raw");
@@ -682,11 +924,6 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
     let mut f = std::fs::File::open(&raw).expect("open export");
     f.seek(SeekFrom::Start(0)).expect("seek");
     f.read_exact(&mut region).expect("read export");
-    let expect_fio = md5_hex(&region);
-    let expect_prefill = md5_hex(&vec![
-        PREFILL_BYTE;
-        usize::try_from(PREFILL_LEN).expect("fits")
-    ]);
     let guest_md5 = |name: &str| {
         report
             .md5
@@ -696,17 +933,19 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
     };
     assert_eq!(
         guest_md5("fio"),
-        Some(expect_fio),
+        Some(md5_hex(&region)),
         "fio region in the file differs from what the guest read"
     );
-    assert_eq!(
-        guest_md5("prefill"),
-        Some(expect_prefill),
-        "the guest read wrong data from the host-written region"
-    );
+    for (name, offset, len) in GUEST_READS {
+        assert_eq!(
+            guest_md5(name),
+            Some(md5_hex(&expected_bytes(&expect, offset, len))),
+            "the guest read wrong data at {offset}+{len} ({name})"
+        );
+    }
     assert!(
-        region.iter().any(|&b| b != 0),
-        "fio region is all zeroes: nothing was written"
+        region != expected_bytes(&layout(&case.base, &[]), 0, FIO_REGION),
+        "fio region still holds the image's earlier content: nothing was written"
     );
 
     if case.encrypted {
@@ -720,6 +959,7 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
         }
     }
     if case.qemu_img_check {
+        // Exit status 0 means no corruptions and no leaks (2: corruptions, 3: leaks).
         let mut check = Command::new("qemu-img");
         check
             .arg("check")
@@ -742,4 +982,31 @@ fn run(case: &ImageCase, backend: Backend, qsd_format_opts: &str) -> bool {
         report.irqs
     );
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_merges_and_overrides() {
+        let base = [Fill::new(0, 10 * MIB, 1), Fill::new(20 * MIB, MIB, 2)];
+        let got = layout(&base, &[(5 * MIB, MIB, Some(1)), (8 * MIB, 4 * MIB, None)]);
+        let r = |o: u64, l: u64, b: Option<u8>| Region {
+            offset: o * MIB,
+            len: l * MIB,
+            byte: b,
+        };
+        assert_eq!(
+            got,
+            vec![
+                r(0, 8, Some(1)),
+                r(8, 4, None),
+                r(12, 8, Some(0)),
+                r(20, 1, Some(2)),
+                r(21, 256 - 21, Some(0)),
+            ]
+        );
+        assert_eq!(expected_bytes(&got, 19 * MIB, 2 * MIB)[1 << 20], 2);
+    }
 }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Number of virtqueues the device gets; the guest has as many vCPUs.
@@ -118,6 +118,15 @@ pub fn base64(data: &[u8]) -> String {
     out
 }
 
+/// MD5 of a whole file (`md5sum FILE`).
+pub fn md5_file(path: &Path) -> String {
+    run_checked(Command::new("md5sum").arg(path))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 pub fn md5_hex(data: &[u8]) -> String {
     let mut child = Command::new("md5sum")
         .stdin(Stdio::piped())
@@ -178,6 +187,43 @@ pub fn build_guest() -> (PathBuf, PathBuf) {
             .unwrap_or_else(|| panic!("build.sh printed no {key}:\n{text}"))
     };
     (get("KERNEL="), get("INITRD="))
+}
+
+/// How many guests may run at once in one test process (`VUQ_E2E_PARALLEL`, default 2): each
+/// TCG guest wants two host threads, and `cargo test` starts every test at once.
+pub fn parallel_guests() -> usize {
+    std::env::var("VUQ_E2E_PARALLEL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
+/// A slot to run one guest in; released on drop. See [`parallel_guests`].
+pub struct GuestSlot;
+
+static RUNNING_GUESTS: Mutex<usize> = Mutex::new(0);
+static GUEST_DONE: Condvar = Condvar::new();
+
+impl GuestSlot {
+    /// Waits until fewer than [`parallel_guests`] guests run.
+    pub fn acquire() -> GuestSlot {
+        let limit = parallel_guests();
+        let mut running = RUNNING_GUESTS.lock().unwrap_or_else(|e| e.into_inner());
+        while *running >= limit {
+            running = GUEST_DONE.wait(running).unwrap_or_else(|e| e.into_inner());
+        }
+        *running += 1;
+        GuestSlot
+    }
+}
+
+impl Drop for GuestSlot {
+    fn drop(&mut self) {
+        let mut running = RUNNING_GUESTS.lock().unwrap_or_else(|e| e.into_inner());
+        *running -= 1;
+        GUEST_DONE.notify_one();
+    }
 }
 
 pub fn timeout_secs() -> u64 {
@@ -261,6 +307,7 @@ pub fn boot_guest(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let _slot = GuestSlot::acquire();
     let start = Instant::now();
     let mut child = qemu_cmd
         .spawn()

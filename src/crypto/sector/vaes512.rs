@@ -504,7 +504,7 @@ unsafe fn dispatch_rounds<V: Lanes, const R: usize>(job: &Job<'_>) {
     let e = job.eng;
     // SAFETY: (whole body) forwarded from the caller.
     unsafe {
-        let keys = Keys::<V>::new(e);
+        let keys = Keys::<V>::new(e, job.enc);
         match (e.mode, job.enc) {
             (CipherMode::Xts, true) => xts::<V, R, true>(&keys, job),
             (CipherMode::Xts, false) => xts::<V, R, false>(&keys, job),
@@ -516,17 +516,19 @@ unsafe fn dispatch_rounds<V: Lanes, const R: usize>(job: &Job<'_>) {
     }
 }
 
-/// Round keys broadcast to every lane.
+/// The round keys one call needs, broadcast to every lane.
 struct Keys<V> {
-    enc: [V; 15],
-    dec: [V; 15],
-    tweak: [V; 15],
-    essiv: [V; 15],
+    /// Encryption or decryption keys of the data cipher, as the call's direction needs.
+    data: [V; 15],
+    /// XTS tweak encryption keys.
+    tweak: Option<[V; 15]>,
+    /// ESSIV encryption keys.
+    essiv: Option<[V; 15]>,
 }
 
 impl<V: Lanes> Keys<V> {
     #[inline(always)]
-    unsafe fn new(e: &Engine) -> Self {
+    unsafe fn new(e: &Engine, enc: bool) -> Self {
         let b = |k: &RoundKeys| -> [V; 15] {
             std::array::from_fn(|i| {
                 // SAFETY: each pointer is one of 15 16-byte round keys; features enabled by the
@@ -535,10 +537,9 @@ impl<V: Lanes> Keys<V> {
             })
         };
         Keys {
-            enc: b(&e.enc),
-            dec: b(&e.dec),
-            tweak: b(&e.tweak),
-            essiv: b(&e.essiv),
+            data: b(if enc { &e.enc } else { &e.dec }),
+            tweak: (e.mode == CipherMode::Xts).then(|| b(&e.tweak)),
+            essiv: matches!(e.iv, IvGen::Essiv(_)).then(|| b(&e.essiv)),
         }
     }
 }
@@ -567,13 +568,13 @@ unsafe fn ivs4<V: Lanes>(e: &Engine, keys: &Keys<V>, first: u64) -> [Block; 4] {
     }
     // SAFETY: `out` is 64 bytes; features enabled by the caller.
     unsafe {
-        if matches!(e.iv, IvGen::Essiv(_)) || e.mode == CipherMode::Xts {
+        if keys.essiv.is_some() || keys.tweak.is_some() {
             let mut v = V::load(out.as_ptr().cast());
-            if matches!(e.iv, IvGen::Essiv(_)) {
-                v = encrypt1(v, &keys.essiv, 14);
+            if let Some(k) = &keys.essiv {
+                v = encrypt1(v, k, 14);
             }
-            if e.mode == CipherMode::Xts {
-                v = encrypt1(v, &keys.tweak, e.rounds);
+            if let Some(k) = &keys.tweak {
+                v = encrypt1(v, k, e.rounds);
             }
             v.store(out.as_mut_ptr().cast());
         }
@@ -583,15 +584,23 @@ unsafe fn ivs4<V: Lanes>(e: &Engine, keys: &Keys<V>, first: u64) -> [Block; 4] {
 
 #[inline(always)]
 unsafe fn xts<V: Lanes, const R: usize, const ENC: bool>(keys: &Keys<V>, job: &Job<'_>) {
-    let k = if ENC { &keys.enc } else { &keys.dec };
-    let mut tweaks = [[0u8; 16]; 4];
+    let k = &keys.data;
     let mut seed = [[0u8; 16]; 4];
+    // The sector tweaks are encrypted one group of four sectors ahead of their use.
+    // SAFETY: features enabled by the caller.
+    let mut tweaks = unsafe { ivs4(job.eng, keys, job.first) };
+    let mut next = tweaks;
     for i in 0..job.n {
         // SAFETY: (whole loop body) sector i lies within the n sectors the caller vouched for;
         // every vector access is 64 bytes at offset 64 * v < 512 of it; features enabled.
         unsafe {
             if i % 4 == 0 {
-                tweaks = ivs4(job.eng, keys, job.first.wrapping_add(i as u64));
+                if i > 0 {
+                    tweaks = next;
+                }
+                if i + 4 < job.n {
+                    next = ivs4(job.eng, keys, job.first.wrapping_add((i + 4) as u64));
+                }
             }
             let mut t = u128::from_le_bytes(tweaks[i % 4]);
             for lane in seed.iter_mut() {
@@ -623,12 +632,13 @@ unsafe fn xts<V: Lanes, const R: usize, const ENC: bool>(keys: &Keys<V>, job: &J
         }
     }
     tweaks.zeroize();
+    next.zeroize();
     seed.zeroize();
 }
 
 #[inline(always)]
 unsafe fn cbc_decrypt<V: Lanes, const R: usize>(keys: &Keys<V>, job: &Job<'_>) {
-    let k = &keys.dec;
+    let k = &keys.data;
     let mut ivs = [[0u8; 16]; 4];
     for i in 0..job.n {
         // SAFETY: (whole loop body) sector i lies within the n sectors the caller vouched for;
@@ -691,7 +701,7 @@ unsafe fn cbc_encrypt_group<V: Lanes, const R: usize, const NV: usize>(
     i: usize,
     m: usize,
 ) {
-    let k = &keys.enc;
+    let k = &keys.data;
     let mut scratch = [0u8; SECTOR];
     let sp = scratch.as_mut_ptr();
     // SAFETY: (whole body) lanes below m point into sectors i .. i + m of the caller's buffers,
@@ -737,12 +747,12 @@ unsafe fn cbc_encrypt_group<V: Lanes, const R: usize, const NV: usize>(
             }
         }
     }
-    scratch.zeroize();
+    // `scratch` holds only the ciphertext of the unused lanes: nothing to wipe.
 }
 
 #[inline(always)]
 unsafe fn ecb<V: Lanes, const R: usize, const ENC: bool>(keys: &Keys<V>, job: &Job<'_>) {
-    let k = if ENC { &keys.enc } else { &keys.dec };
+    let k = &keys.data;
     for i in 0..job.n {
         // SAFETY: sector i is within the caller's n sectors; 64-byte accesses at 64 v < 512.
         unsafe {
