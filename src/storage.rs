@@ -203,27 +203,48 @@ impl Storage for FileStorage {
     fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let total = total_len(bufs);
         end_of(offset, total)?;
-        let mut bufs: &mut [IoSliceMut<'_>] = bufs;
-        let mut pos = offset;
-        while !bufs.is_empty() {
-            if bufs[0].is_empty() {
-                bufs = &mut bufs[1..];
-                continue;
-            }
-            let n = preadv(&self.file, bufs, pos).map_err(|source| StorageError::Read {
+        let err = |pos: u64| {
+            move |source| StorageError::Read {
                 offset: pos,
                 len: total,
                 source,
-            })?;
-            if n == 0 {
-                // End of file: the rest reads as zeroes.
-                for b in bufs.iter_mut() {
-                    b.fill(0);
-                }
-                break;
             }
-            pos += n as u64;
-            IoSliceMut::advance_slices(&mut bufs, n);
+        };
+        // Fast path: one preadv for the whole request, the caller's iovec array left untouched.
+        let first = if total == 0 {
+            0
+        } else {
+            preadv(&self.file, bufs, offset).map_err(err(offset))?
+        };
+        if first == total {
+            return Ok(());
+        }
+        // Slow path (short read, end of file, more than IOV_MAX buffers): finish buffer by
+        // buffer, without allocating and without advancing the caller's iovecs (callers such as
+        // the decryption layer walk the same buffers again afterwards).
+        let mut skip = first;
+        let mut pos = end_of(offset, first)?;
+        let mut eof = false;
+        for b in bufs.iter_mut() {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let mut rest: &mut [u8] = &mut b[skip..];
+            skip = 0;
+            while !rest.is_empty() {
+                if eof {
+                    rest.fill(0);
+                    break;
+                }
+                let n = pread(&self.file, rest, pos).map_err(err(pos))?;
+                if n == 0 {
+                    eof = true;
+                    continue;
+                }
+                pos = end_of(pos, n)?;
+                rest = &mut rest[n..];
+            }
         }
         Ok(())
     }
@@ -231,29 +252,33 @@ impl Storage for FileStorage {
     fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         let total = total_len(bufs);
         end_of(offset, total)?;
-        // advance_slices needs to mutate the slice headers, never the data.
-        let mut owned: Vec<IoSlice<'_>> = bufs.to_vec();
-        let mut bufs: &mut [IoSlice<'_>] = &mut owned;
-        let mut pos = offset;
-        while !bufs.is_empty() {
-            if bufs[0].is_empty() {
-                bufs = &mut bufs[1..];
-                continue;
-            }
-            let n = pwritev(&self.file, bufs, pos).map_err(|source| StorageError::Write {
+        let err = |pos: u64| {
+            move |source| StorageError::Write {
                 offset: pos,
                 len: total,
                 source,
-            })?;
-            if n == 0 {
-                return Err(StorageError::Write {
-                    offset: pos,
-                    len: total,
-                    source: io::Error::from(io::ErrorKind::WriteZero),
-                });
             }
-            pos += n as u64;
-            IoSlice::advance_slices(&mut bufs, n);
+        };
+        let first = if total == 0 {
+            0
+        } else {
+            pwritev(&self.file, bufs, offset).map_err(err(offset))?
+        };
+        if first == total {
+            return Ok(());
+        }
+        // Slow path (short write, more than IOV_MAX buffers): the rest buffer by buffer.
+        let mut skip = first;
+        let mut pos = end_of(offset, first)?;
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let rest = &b[skip..];
+            skip = 0;
+            self.file.write_all_at(rest, pos).map_err(err(pos))?;
+            pos = end_of(pos, rest.len())?;
         }
         Ok(())
     }
@@ -306,6 +331,15 @@ impl Storage for FileStorage {
             pos += n as u64;
         }
         Ok(())
+    }
+}
+
+fn pread(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    loop {
+        match file.read_at(buf, offset) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
     }
 }
 
@@ -500,6 +534,37 @@ mod tests {
         s.write_zeroes(6, 2).expect("zero");
         s.read_at(&mut buf, 0).expect("read");
         assert_eq!(&buf, b"\0\0\0\0\0a\0\0def");
+    }
+
+    #[test]
+    fn readv_past_eof_leaves_the_callers_iovecs_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        std::fs::write(&p, [7u8; 700]).expect("write");
+        let s = FileStorage::open(&p, OpenFlags::default()).expect("open");
+        let mut a = [1u8; 512];
+        let mut b = [1u8; 512];
+        let mut bufs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+        s.readv_at(&mut bufs, 0).expect("read");
+        assert_eq!(bufs[0].len(), 512);
+        assert_eq!(bufs[1].len(), 512);
+        assert_eq!(&bufs[1][..188], &[7u8; 188][..]);
+        assert_eq!(&bufs[1][188..], &[0u8; 324][..]);
+    }
+
+    #[test]
+    fn more_buffers_than_iov_max_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        let s = FileStorage::create(&p).expect("create");
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let chunks: Vec<IoSlice<'_>> = data.chunks(2).map(IoSlice::new).collect();
+        s.writev_at(&chunks, 3).expect("write");
+        let mut out = vec![0u8; 3000];
+        let mut bufs: Vec<IoSliceMut<'_>> = out.chunks_mut(2).map(IoSliceMut::new).collect();
+        s.readv_at(&mut bufs, 3).expect("read");
+        drop(bufs);
+        assert_eq!(out, data);
     }
 
     #[test]

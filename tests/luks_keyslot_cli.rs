@@ -157,3 +157,23 @@ fn terminal_prompt_reads_without_echo_and_confirms() {
     assert!(qemu_can_open(&f, "typed-secret"));
     assert!(qemu_can_open(&f, "one"));
 }
+
+/// `--key-fd N` reads an inherited descriptor (here a file bash opens as fd 3, and a pipe).
+#[test]
+fn key_fd_reads_an_inherited_descriptor() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("fd.luks");
+    qemu_create(&f, "from-fd", "", "64K");
+    let k = dir.path().join("k");
+    std::fs::write(&k, "from-fd").expect("k");
+    let script = format!(
+        "exec 3<'{}'; printf new-pass | '{}' keyslot add '{}' --key-fd 3 --new-key-fd 0 --iter-time 10",
+        k.display(),
+        env!("CARGO_BIN_EXE_vhost-user-qcow2"),
+        f.display()
+    );
+    let out = run(Command::new("bash").arg("-c").arg(&script));
+    assert_eq!(out, "added keyslot 1\n");
+    assert!(qemu_can_open(&f, "new-pass"));
+}

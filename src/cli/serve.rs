@@ -37,7 +37,8 @@ pub struct ServeArgs {
         required_unless_present = "print_capabilities"
     )]
     pub image: Option<PathBuf>,
-    /// Image format: raw or qcow2 (default: detect from the magic).
+    /// Image format: raw, qcow2 or luks (default: detect from the magic; give `raw` for a raw
+    /// image a guest could have written a qcow2 or LUKS header into).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
     /// Whether a qcow2 image may open its backing files (as QEMU does by default).

@@ -204,3 +204,50 @@ pub fn create_qcow2_luks(
     storage.sync()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::luks::create::parse_cipher;
+
+    #[test]
+    fn luks_uses_the_host_offset_and_aes_the_guest_offset() {
+        let spec = parse_cipher("aes-128-xts-plain64").expect("spec");
+        let key = [7u8; 32];
+        let luks = LuksClusterCrypt::new(SectorCipher::new(spec, &key).expect("cipher"));
+        let reference = SectorCipher::new(spec, &key).expect("cipher");
+        let src = vec![0x42u8; 1024];
+        let mut got = vec![0u8; 1024];
+        luks.encrypt_to(&src, &mut got, 0x10000, 0x200)
+            .expect("enc");
+        let mut want = src.clone();
+        reference
+            .encrypt_sectors(&mut want, 0x10000 / 512)
+            .expect("ref");
+        assert_eq!(got, want);
+        luks.decrypt(&mut got, 0x10000, 0x999_000).expect("dec");
+        assert_eq!(got, src);
+
+        let aes = QcowAesClusterCrypt::new(QcowAes::new(&Passphrase::new(b"pw")).expect("aes"));
+        let reference = SectorCipher::new(
+            crate::crypto::qcow_aes::SPEC,
+            b"pw\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        )
+        .expect("cipher");
+        aes.encrypt_to(&src, &mut got, 0x777_000, 0x400)
+            .expect("enc");
+        let mut want = src.clone();
+        reference.encrypt_sectors(&mut want, 2).expect("ref");
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn misaligned_offsets_are_errors_not_panics() {
+        let spec = parse_cipher("aes-256-xts-plain64").expect("spec");
+        let luks = LuksClusterCrypt::new(SectorCipher::new(spec, &[1u8; 64]).expect("cipher"));
+        let mut buf = vec![0u8; 512];
+        assert!(luks.decrypt(&mut buf, 100, 0).is_err());
+        let mut short = vec![0u8; 100];
+        assert!(luks.decrypt(&mut short, 512, 0).is_err());
+    }
+}

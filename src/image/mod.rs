@@ -46,6 +46,8 @@ pub enum ImageError {
     Cipher(#[from] crate::crypto::sector::SectorCipherError),
     #[error("image is encrypted ({0}): a key is needed")]
     NeedKey(&'static str),
+    #[error("--direct (O_DIRECT) is supported for raw images only, not {format}")]
+    DirectUnsupported { format: &'static str },
 }
 
 /// Result type of this module.
@@ -202,22 +204,42 @@ fn open_chain(
         });
     }
     chain.push(canon);
+    // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
     let storage = FileStorage::open(
         path,
         OpenFlags {
             read_only: opts.read_only,
-            direct: opts.direct,
+            direct: false,
         },
     )?;
     let format = match opts.format {
         Some(f) => f,
         None => detect_format(&storage)?,
     };
+    if opts.direct && format != Format::Raw {
+        // Metadata and crypto paths do small, unaligned I/O that O_DIRECT refuses.
+        return Err(ImageError::DirectUnsupported {
+            format: format.name(),
+        });
+    }
     match format {
-        Format::Raw => Ok(Box::new(raw::RawImage::new(
-            Box::new(storage) as Box<dyn Storage>,
-            opts.read_only,
-        )?)),
+        Format::Raw => {
+            let storage = if opts.direct {
+                FileStorage::open(
+                    path,
+                    OpenFlags {
+                        read_only: opts.read_only,
+                        direct: true,
+                    },
+                )?
+            } else {
+                storage
+            };
+            Ok(Box::new(raw::RawImage::new(
+                Box::new(storage) as Box<dyn Storage>,
+                opts.read_only,
+            )?))
+        }
         Format::Luks => Ok(Box::new(crypt::open_raw_luks(
             Box::new(storage),
             opts.read_only,

@@ -63,7 +63,8 @@ fn classify(e: &BlkError) -> (u8, Blame) {
             | ImageError::BackingFormat { .. }
             | ImageError::Luks(_)
             | ImageError::Cipher(_)
-            | ImageError::NeedKey(_) => (IOERR, Blame::Host),
+            | ImageError::NeedKey(_)
+            | ImageError::DirectUnsupported { .. } => (IOERR, Blame::Host),
         },
     }
 }
