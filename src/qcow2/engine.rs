@@ -952,14 +952,18 @@ impl Qcow2 {
             d.sync()?;
         }
         self.storage.sync()?;
-        if self.meta_r().pending_frees.is_empty() {
-            return Ok(());
+        {
+            let m = self.meta_r();
+            if m.pending_frees.is_empty() && m.pool.0 >= m.pool.1 {
+                return Ok(());
+            }
         }
+        // Return the unused reserve (so that a flushed image has no leaks, even if the process
+        // then exits without closing it) and release clusters dropped since the last flush.
         let mut m = self.meta_w();
-        if !m.pending_frees.is_empty() {
-            self.apply_frees(&mut m)?;
-            self.storage.sync()?;
-        }
+        self.release_pool(&mut m)?;
+        self.apply_frees(&mut m)?;
+        self.storage.sync()?;
         Ok(())
     }
 
@@ -1117,12 +1121,6 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if !self.read_only {
-            let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = self.release_pool(&mut m) {
-                log::warn!("releasing reserved clusters on close failed: {e}");
-            }
-        }
         if let Err(e) = self.flush() {
             log::warn!("flush on close failed: {e}");
         }
