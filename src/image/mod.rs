@@ -204,6 +204,12 @@ fn open_chain(
             let backing = open_backing(path, &probe.header, opts, chain)?;
             let data = match &probe.header.data_file {
                 None => None,
+                Some(name) if opts.backing == BackingPolicy::Deny => {
+                    return Err(ImageError::BackingDenied {
+                        path: path.display().to_string(),
+                        backing: name.clone(),
+                    })
+                }
                 Some(name) => Some(Box::new(FileStorage::open(
                     &resolve_backing(path, name),
                     OpenFlags {
