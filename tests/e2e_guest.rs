@@ -7,8 +7,10 @@
 
 #[path = "guest/rig.rs"]
 mod rig;
+#[path = "guest/vm.rs"]
+mod vm;
 
-use rig::{run_guest_fio, Backend, ImageCase};
+use rig::{run_guest_fio, Backend, ImageCase, OverlayMaker};
 
 #[test]
 fn raw_image_guest_fio_verify_via_daemon() {
@@ -20,17 +22,90 @@ fn raw_image_guest_fio_verify_via_qemu_storage_daemon() {
     run_guest_fio(&ImageCase::raw(), Backend::QemuStorageDaemon);
 }
 
+#[test]
+fn qcow2_image_guest_fio_verify_via_daemon() {
+    run_guest_fio(&ImageCase::qcow2(), Backend::Daemon);
+}
+
+#[test]
+fn qcow2_image_guest_fio_verify_via_qemu_storage_daemon() {
+    run_guest_fio(&ImageCase::qcow2(), Backend::QemuStorageDaemon);
+}
+
+/// A qcow2 overlay (made by qemu-img) over a qcow2 base holding a pattern: the guest's writes go
+/// to the overlay, partial-cluster writes copy the rest up from the base, the guest reads the
+/// base through the overlay, and the base stays byte-for-byte unchanged.
+#[test]
+fn qcow2_overlay_guest_fio_verify_via_daemon() {
+    run_guest_fio(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        Backend::Daemon,
+    );
+}
+
+/// The same flow with qemu-storage-daemon: the reference for what the checks expect.
+#[test]
+fn qcow2_overlay_guest_fio_verify_via_qemu_storage_daemon() {
+    run_guest_fio(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        Backend::QemuStorageDaemon,
+    );
+}
+
+/// The overlay made by our own `create --backing`.
+#[test]
+fn qcow2_overlay_made_by_us_guest_fio_verify_via_daemon() {
+    run_guest_fio(
+        &ImageCase::qcow2_overlay(OverlayMaker::Ours),
+        Backend::Daemon,
+    );
+}
+
 /// The rig must be able to fail: with the backend writing 1 MiB away from where the guest
 /// thinks, the guest's own fio verification passes, so only the host-side qemu-io checks can
 /// notice, and they must.
 #[test]
 fn rig_detects_writes_that_land_in_the_wrong_place() {
-    let Some(message) = rig::run_guest_fio_with_misplaced_writes() else {
+    let Some(message) =
+        rig::run_guest_fio_expecting_failure(&ImageCase::raw(), &rig::shifted_raw_view())
+    else {
         return;
     };
     assert!(
         message.contains("qemu-io pattern checks failed"),
         "expected the host-side checks to fail, got: {message:?}"
+    );
+}
+
+/// The overlay served without its backing file: the small writes fill their clusters with
+/// zeroes instead of the base's data, which only the "base content elsewhere" checks see.
+#[test]
+fn rig_detects_an_overlay_that_lost_its_backing_file() {
+    let Some(message) = rig::run_guest_fio_expecting_failure(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        &rig::overlay_without_backing_view(),
+    ) else {
+        return;
+    };
+    assert!(
+        message.contains("qemu-io pattern checks failed"),
+        "expected the base-content checks to fail, got: {message:?}"
+    );
+}
+
+/// The base image served instead of the overlay: the guest writes into the backing file, which
+/// the before/after hash must notice.
+#[test]
+fn rig_detects_writes_into_the_backing_file() {
+    let Some(message) = rig::run_guest_fio_expecting_failure(
+        &ImageCase::qcow2_overlay(OverlayMaker::QemuImg),
+        &rig::overlay_base_instead_view(),
+    ) else {
+        return;
+    };
+    assert!(
+        message.contains("backing file") && message.contains("changed"),
+        "expected the backing-file hash check to fail, got: {message:?}"
     );
 }
 
@@ -63,55 +138,19 @@ fn script_encoding_matches_coreutils_base64() {
         let out = child.wait_with_output().expect("base64 output");
         assert!(out.status.success());
         assert_eq!(
-            rig::base64(input.as_bytes()),
+            vm::base64(input.as_bytes()),
             String::from_utf8_lossy(&out.stdout),
             "{input:?}"
         );
     }
 }
 
-/// A qcow2 overlay (64 KiB clusters) on a qcow2 base that QEMU pre-filled: the guest's I/O goes
-/// through allocation, copy-up from the backing file and the L2 cache; `qemu-img check` runs on
-/// the overlay afterwards.
-fn qcow2_overlay_case() -> ImageCase {
-    ImageCase {
-        name: "qcow2-overlay",
-        format_opts: "driver=qcow2".to_owned(),
-        objects: Vec::new(),
-        daemon_args: Vec::new(),
-        create: Box::new(|path, size| {
-            let base = path.with_extension("base.qcow2");
-            let run = |cmd: &str, args: &[&str]| -> Result<(), String> {
-                let out = std::process::Command::new(cmd)
-                    .args(args)
-                    .output()
-                    .map_err(|e| format!("spawn {cmd}: {e}"))?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{cmd} {args:?}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    ))
-                }
-            };
-            let size = size.to_string();
-            let b = base.to_str().ok_or("path")?;
-            let p = path.to_str().ok_or("path")?;
-            run("qemu-img", &["create", "-q", "-f", "qcow2", b, &size])?;
-            run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5e 0 8M", b])?;
-            run(
-                "qemu-img",
-                &[
-                    "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", p, &size,
-                ],
-            )
-        }),
-        qemu_img_check: true,
-    }
+#[test]
+fn restarted_qemu_reattaches_to_daemon() {
+    rig::run_guest_reconnect(&ImageCase::raw(), Backend::Daemon);
 }
 
 #[test]
-fn qcow2_overlay_guest_fio_verify_via_daemon() {
-    run_guest_fio(&qcow2_overlay_case(), Backend::Daemon);
+fn restarted_qemu_reattaches_to_qemu_storage_daemon() {
+    rig::run_guest_reconnect(&ImageCase::raw(), Backend::QemuStorageDaemon);
 }

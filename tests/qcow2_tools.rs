@@ -37,6 +37,7 @@ fn create_args(file: PathBuf, size: Option<&str>) -> CreateArgs {
         preallocation: PreallocArg::Off,
         compat: "1.1".into(),
         refcount_bits: 16,
+        encrypt: Default::default(),
         file,
         size: size.map(str::to_string),
     }

@@ -216,3 +216,22 @@ fn a_new_frontend_can_attach_after_disconnect() {
     let mut c = Client::connect(&d, 1, false).expect("second connect");
     assert_eq!(read(&mut c, 0, 4096, 4096), vec![9u8; 4096]);
 }
+
+#[test]
+fn logical_block_size_4096_is_reported_and_enforced() {
+    let d = Daemon::start(MIB, &["--logical-block-size", "4096"]);
+    let mut c = Client::connect(&d, 1, false).expect("connect");
+    assert_eq!(
+        c.blkio.get_i32("request-alignment").expect("alignment"),
+        4096
+    );
+    let got = read(&mut c, 0, 8192, 4096);
+    assert!(
+        got == file_bytes(&d, 8192, 4096),
+        "read differs from the file"
+    );
+    // A 512-byte read is refused by the device (blkio passes it through).
+    let ptr = c.buf().as_mut_ptr();
+    c.queues[0].read(512, ptr, 512, 0, ReqFlags::empty());
+    assert_ne!(complete(&mut c.queues[0]), 0);
+}

@@ -48,6 +48,11 @@ pub struct CreateArgs {
     /// Refcount width in bits (1, 2, 4, 8, 16, 32, 64).
     #[arg(long, default_value_t = 16)]
     pub refcount_bits: u32,
+    /// Encryption: `--encrypt luks [--cipher ..] [--hash ..] [--iter-time MS]`, the passphrase
+    /// from `--key-secret-file F`, `--key-fd N` or the terminal. With `-f raw` this makes a raw
+    /// LUKS file (qemu-img's `luks` format); with qcow2, crypt_method 2.
+    #[command(flatten)]
+    pub encrypt: super::encrypt::EncryptArgs,
     /// The new image file.
     pub file: PathBuf,
     /// Virtual size (e.g. 10G); defaults to the backing file's size.
@@ -93,7 +98,26 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     if size % 512 != 0 {
         return Err(ToolError::BadArgument("the size must be a multiple of 512"));
     }
+    let luks = args.encrypt.luks_params()?;
+    if luks.is_some() && args.preallocation != PreallocArg::Off {
+        // Preallocated clusters hold plaintext zeroes, which would read back as garbage.
+        return Err(ToolError::BadArgument(
+            "preallocation is not supported with encryption",
+        ));
+    }
+    let pass = match luks {
+        Some(_) => Some(args.encrypt.new_passphrase()?),
+        None => None,
+    };
     match args.format {
+        CreateFormat::Raw if luks.is_some() => {
+            if args.backing.is_some() {
+                return Err(ToolError::BadArgument("raw images have no backing file"));
+            }
+            if let (Some(params), Some(pass)) = (&luks, &pass) {
+                crate::image::luks::LuksImage::create(&args.file, size, params, pass)?;
+            }
+        }
         CreateFormat::Raw => {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
@@ -129,16 +153,28 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 },
                 ..Default::default()
             };
-            create(&args.file, &opts)?;
+            match (&luks, &pass) {
+                (Some(params), Some(pass)) => {
+                    crate::image::crypt::create_qcow2_luks(&args.file, &opts, params, pass)?
+                }
+                _ => {
+                    create(&args.file, &opts)?;
+                }
+            }
         }
     }
     writeln!(
         out,
-        "Formatting '{}', fmt={} size={}",
+        "Formatting '{}', fmt={}{} size={}",
         args.file.display(),
-        match args.format {
-            CreateFormat::Qcow2 => "qcow2",
-            CreateFormat::Raw => "raw",
+        match (args.format, luks.is_some()) {
+            (CreateFormat::Qcow2, _) => "qcow2",
+            (CreateFormat::Raw, false) => "raw",
+            (CreateFormat::Raw, true) => "luks",
+        },
+        match (args.format, &luks) {
+            (CreateFormat::Qcow2, Some(_)) => " encrypt.format=luks",
+            _ => "",
         },
         size
     )?;

@@ -39,7 +39,7 @@ pub struct EncryptArgs {
     /// Encrypt the new image.
     #[arg(long, value_enum)]
     pub encrypt: Option<EncryptFormat>,
-    /// Cipher, as aes-<bits>-<mode>[-<ivgen>].
+    /// Cipher, as `aes-<bits>-<mode>[-<ivgen>]`.
     #[arg(long, default_value = "aes-256-xts-plain64", requires = "encrypt")]
     pub cipher: String,
     /// PBKDF2 / anti-forensic hash.
@@ -50,6 +50,19 @@ pub struct EncryptArgs {
     pub iter_time: u64,
     #[command(flatten)]
     pub key: KeyArgs,
+}
+
+impl Default for EncryptArgs {
+    /// No encryption (with the option defaults clap would fill in).
+    fn default() -> Self {
+        Self {
+            encrypt: None,
+            cipher: "aes-256-xts-plain64".to_string(),
+            hash: "sha256".to_string(),
+            iter_time: DEFAULT_ITER_TIME_MS,
+            key: KeyArgs::default(),
+        }
+    }
 }
 
 impl EncryptArgs {

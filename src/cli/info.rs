@@ -47,6 +47,23 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
             v.insert("virtual-size".into(), json!(meta.len()));
             v.insert("dirty-flag".into(), json!(false));
         }
+        Format::Luks => {
+            let area =
+                crate::crypto::luks::LuksArea::whole(&st).map_err(image::ImageError::from)?;
+            let h = crate::crypto::luks::keyslot::read_header(&area)
+                .map_err(image::ImageError::from)?;
+            let payload = h.payload_offset_bytes();
+            v.insert(
+                "virtual-size".into(),
+                json!(meta.len().saturating_sub(payload) & !511),
+            );
+            v.insert("encrypted".into(), json!(true));
+            v.insert("dirty-flag".into(), json!(false));
+            v.insert(
+                "format-specific".into(),
+                json!({"type": "luks", "data": super::keyslot::qemu_info_json(&h)}),
+            );
+        }
         Format::Qcow2 => {
             let h = Header::read(&st)?;
             v.insert("virtual-size".into(), json!(h.size));
@@ -84,7 +101,21 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                     data.insert("encrypt".into(), json!({"format": "aes"}));
                 }
                 2 => {
-                    data.insert("encrypt".into(), json!({"format": "luks"}));
+                    // The LUKS header as qemu-img shows it; just the format if it is unreadable.
+                    let luks = h
+                        .fde
+                        .and_then(|(base, len)| {
+                            let area =
+                                crate::crypto::luks::LuksArea::region(&st, base, len).ok()?;
+                            crate::crypto::luks::keyslot::read_header(&area).ok()
+                        })
+                        .map(|lh| super::keyslot::qemu_info_json(&lh));
+                    let mut enc = match luks {
+                        Some(Value::Object(m)) => m,
+                        _ => Map::new(),
+                    };
+                    enc.insert("format".into(), json!("luks"));
+                    data.insert("encrypt".into(), Value::Object(enc));
                 }
                 _ => {}
             }
@@ -135,7 +166,8 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let format = match args.format.as_deref() {
         None => None,
         Some(f) => Some(
-            Format::from_name(f).ok_or(ToolError::BadArgument("format must be raw or qcow2"))?,
+            Format::from_name(f)
+                .ok_or(ToolError::BadArgument("format must be raw, qcow2 or luks"))?,
         ),
     };
     let v = info_json(&args.file, format)?;

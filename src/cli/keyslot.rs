@@ -1,7 +1,8 @@
 //! `keyslot list|add|remove FILE`: LUKS keyslot management, the equivalent of QEMU's
 //! `qemu-img amend -o state=active|inactive,...` and cryptsetup's luksAddKey / luksKillSlot.
 //!
-//! Works on raw LUKS1 files. Passphrases come from `--key-secret-file F`, `--key-fd N` or a
+//! Works on raw LUKS1 files and on qcow2 images with LUKS encryption (crypt_method 2), whose
+//! LUKS header lives in the region the full-disk-encryption header extension names. Passphrases come from `--key-secret-file F`, `--key-fd N` or a
 //! prompt on the terminal; never from argv. `remove` refuses to remove the last active slot.
 
 use std::io::Write;
@@ -33,6 +34,14 @@ pub enum KeyslotError {
     },
     #[error("passphrase")]
     Secret(#[from] SecretError),
+    #[error("{path}")]
+    Qcow2 {
+        path: String,
+        #[source]
+        source: crate::qcow2::Error,
+    },
+    #[error("{path} is a qcow2 image without LUKS encryption (crypt_method {method})")]
+    NotLuks { path: String, method: u32 },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
 }
@@ -126,9 +135,24 @@ fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotErro
     })
 }
 
-/// The LUKS area of an image file: the whole of a raw LUKS file.
-pub fn luks_area(storage: &dyn Storage) -> Result<LuksArea<'_>, LuksError> {
-    LuksArea::whole(storage)
+/// The LUKS area of an image file: the FDE region of a qcow2 image, else the whole file.
+pub fn luks_area<'a>(storage: &'a dyn Storage, path: &Path) -> Result<LuksArea<'a>, KeyslotError> {
+    let shown = || path.display().to_string();
+    let q = |source| KeyslotError::Qcow2 {
+        path: shown(),
+        source,
+    };
+    if crate::qcow2::is_qcow2(storage).map_err(q)? {
+        let probe = crate::qcow2::probe(storage).map_err(q)?;
+        return match probe.fde_header {
+            Some((base, len)) => LuksArea::region(storage, base, len).map_err(luks_err(path)),
+            None => Err(KeyslotError::NotLuks {
+                path: shown(),
+                method: probe.crypt_method,
+            }),
+        };
+    }
+    LuksArea::whole(storage).map_err(luks_err(path))
 }
 
 fn luks_err(path: &Path) -> impl Fn(LuksError) -> KeyslotError + '_ {
@@ -136,6 +160,51 @@ fn luks_err(path: &Path) -> impl Fn(LuksError) -> KeyslotError + '_ {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// The `format-specific` data `qemu-img info --output=json` shows for a LUKS header (raw LUKS:
+/// under `{"type": "luks", "data": …}`; qcow2: as `data.encrypt` with `"format": "luks"`).
+pub fn qemu_info_json(h: &LuksHeader) -> serde_json::Value {
+    let name = h.cipher_name().unwrap_or("?");
+    let mode_spec = h.cipher_mode().unwrap_or("?");
+    let (mode, ivgen) = mode_spec.split_once('-').unwrap_or((mode_spec, "plain64"));
+    let (ivgen, ivhash) = match ivgen.split_once(':') {
+        Some((g, hsh)) => (g, Some(hsh)),
+        None => (ivgen, None),
+    };
+    let per_key = if mode == "xts" {
+        h.key_bytes / 2
+    } else {
+        h.key_bytes
+    };
+    let slots: Vec<serde_json::Value> = h
+        .slots
+        .iter()
+        .map(|s| {
+            let off = u64::from(s.key_offset) * 512;
+            if s.is_active() {
+                serde_json::json!({"active": true, "iters": s.iterations, "key-offset": off,
+                                   "stripes": s.stripes})
+            } else {
+                serde_json::json!({"active": false, "key-offset": off})
+            }
+        })
+        .collect();
+    let mut v = serde_json::json!({
+        "cipher-alg": format!("{name}-{}", u64::from(per_key) * 8),
+        "cipher-mode": mode,
+        "ivgen-alg": ivgen,
+        "hash-alg": h.hash_spec().unwrap_or("?"),
+        "detached-header": false,
+        "payload-offset": h.payload_offset_bytes(),
+        "master-key-iters": h.mk_iterations,
+        "uuid": h.uuid(),
+        "slots": slots,
+    });
+    if let (Some(hash), Some(obj)) = (ivhash, v.as_object_mut()) {
+        obj.insert("ivgen-hash-alg".into(), serde_json::json!(hash));
+    }
+    v
 }
 
 /// A human or JSON description of a header.
@@ -204,7 +273,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
     match args.command {
         KeyslotCommand::List { file, output } => {
             let st = open_storage(&file, true)?;
-            let area = luks_area(&st).map_err(luks_err(&file))?;
+            let area = luks_area(&st, &file)?;
             let h = read_header(&area).map_err(luks_err(&file))?;
             out.write_all(describe(&h, output).as_bytes())
                 .map_err(KeyslotError::Output)?;
@@ -216,7 +285,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             iter_time,
         } => {
             let st = open_storage(&file, false)?;
-            let area = luks_area(&st).map_err(luks_err(&file))?;
+            let area = luks_area(&st, &file)?;
             let pass = key
                 .source()
                 .read("Passphrase of an existing slot: ", false)?;
@@ -232,7 +301,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
         }
         KeyslotCommand::Remove { file, key, slot } => {
             let st = open_storage(&file, false)?;
-            let area = luks_area(&st).map_err(luks_err(&file))?;
+            let area = luks_area(&st, &file)?;
             let pass = key.source().read("Passphrase: ", false)?;
             let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;
             let slot = slot.or(vol.unlocked_slot()).unwrap_or(0);

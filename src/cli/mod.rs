@@ -1,7 +1,7 @@
 //! Command-line interface: one clap subcommand per file.
 //!
 //! Adding a subcommand = a module here, a variant in [`Command`] and an arm in [`run`] (and, if it
-//! has its own error type, a variant in [`Error`]).
+//! has its own error type, a variant in [`enum@Error`]).
 
 use clap::{Parser, Subcommand};
 use thiserror::Error;

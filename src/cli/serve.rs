@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// Print the backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Passphrase of an encrypted image (LUKS raw or in qcow2, legacy qcow2 AES). Without
+    /// either option an encrypted image asks on the terminal, if there is one.
+    #[command(flatten)]
+    pub key: super::keyslot::KeyArgs,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -89,6 +93,8 @@ pub enum ServeError {
     },
     #[error("{0} is required")]
     Missing(&'static str),
+    #[error("passphrase")]
+    Secret(#[from] crate::crypto::secret::SecretError),
     #[error("image format {0:?} is not supported")]
     Format(String),
     #[error("socket {0} is already in use by a running server")]
@@ -118,6 +124,14 @@ pub enum ServeError {
 /// `{"type":"block","features":[...]}` as vhost-user.rst asks.
 pub fn capabilities() -> serde_json::Value {
     serde_json::json!({ "type": "block", "features": ["read-only", "blk-file"] })
+}
+
+/// Whether opening failed only for want of a key.
+fn needs_key(e: &ImageError) -> bool {
+    matches!(
+        e,
+        ImageError::NeedKey(_) | ImageError::Qcow2(crate::qcow2::Error::NeedKey(_))
+    )
 }
 
 /// Runs `serve`.
@@ -150,21 +164,31 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     let sigset = block_signals().map_err(ServeError::Signals)?;
 
     // Open the image first: a missing image must not leave a socket behind.
-    let image: Arc<dyn BlockImage> = Arc::from(
-        image::open(
-            image_path,
-            &OpenOptions {
-                read_only: args.read_only,
-                direct: args.direct,
-                format,
-                backing,
-            },
-        )
-        .map_err(|source| ServeError::Open {
-            path: image_path.clone(),
-            source,
-        })?,
-    );
+    let open_opts = OpenOptions {
+        read_only: args.read_only,
+        direct: args.direct,
+        format,
+        backing,
+    };
+    let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
+    let secret = if given {
+        Some(args.key.source().read("Passphrase: ", false)?)
+    } else {
+        None
+    };
+    let opened = match image::open_with_secret(image_path, &open_opts, secret.as_ref()) {
+        // Encrypted and no key given: ask on the terminal when there is one.
+        Err(e) if !given && needs_key(&e) && std::io::IsTerminal::is_terminal(&io::stdin()) => {
+            let pass = args.key.source().read("Passphrase: ", false)?;
+            image::open_with_secret(image_path, &open_opts, Some(&pass))
+        }
+        r => r,
+    };
+    let image: Arc<dyn BlockImage> = Arc::from(opened.map_err(|source| ServeError::Open {
+        path: image_path.clone(),
+        source,
+    })?);
+    drop(secret);
     // Validate the options against the image before creating the socket.
     let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
     crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)

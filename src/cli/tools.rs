@@ -25,6 +25,8 @@ pub enum ToolError {
     Io(#[from] io::Error),
     #[error("json output")]
     Json(#[from] serde_json::Error),
+    #[error("encryption options")]
+    Encrypt(#[from] super::encrypt::EncryptArgsError),
 }
 
 /// Output format of `info` and `check`.

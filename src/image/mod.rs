@@ -7,12 +7,12 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use thiserror::Error;
 
 use crate::storage::{self, FileStorage, OpenFlags, Storage, StorageError};
 
+pub mod crypt;
 pub mod luks;
 pub mod qcow2;
 pub mod raw;
@@ -44,6 +44,8 @@ pub enum ImageError {
     Luks(#[from] crate::crypto::luks::LuksError),
     #[error("sector cipher")]
     Cipher(#[from] crate::crypto::sector::SectorCipherError),
+    #[error("image is encrypted ({0}): a key is needed")]
+    NeedKey(&'static str),
 }
 
 /// Result type of this module.
@@ -93,6 +95,8 @@ pub fn iov_len<T: std::ops::Deref<Target = [u8]>>(bufs: &[T]) -> u64 {
 pub enum Format {
     Raw,
     Qcow2,
+    /// A raw LUKS1 file (qemu-img's `luks` format).
+    Luks,
 }
 
 impl Format {
@@ -101,6 +105,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Luks => "luks",
         }
     }
 
@@ -109,6 +114,7 @@ impl Format {
         match s {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
+            "luks" => Some(Format::Luks),
             _ => None,
         }
     }
@@ -138,10 +144,12 @@ pub struct OpenOptions {
 /// Deepest backing chain accepted.
 pub const MAX_BACKING_DEPTH: usize = 16;
 
-/// Detects the format of an open file: qcow2 magic, else raw.
+/// Detects the format of an open file: qcow2 magic, LUKS magic, else raw.
 pub fn detect_format(storage: &dyn Storage) -> Result<Format> {
     Ok(if crate::qcow2::is_qcow2(storage)? {
         Format::Qcow2
+    } else if crypt::is_luks(storage)? {
+        Format::Luks
     } else {
         Format::Raw
     })
@@ -149,8 +157,18 @@ pub fn detect_format(storage: &dyn Storage) -> Result<Format> {
 
 /// Opens an image file as a [`BlockImage`], with its backing chain.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockImage>> {
+    open_with_secret(path, opts, None)
+}
+
+/// Opens an image file, unlocking LUKS (raw or in qcow2) or legacy qcow2 AES with `secret`.
+/// The same secret is offered to encrypted backing files.
+pub fn open_with_secret(
+    path: &Path,
+    opts: &OpenOptions,
+    secret: Option<&crate::crypto::secret::Passphrase>,
+) -> Result<Box<dyn BlockImage>> {
     let mut chain = Vec::new();
-    open_chain(path, opts, &mut chain)
+    open_chain(path, opts, secret, &mut chain)
 }
 
 /// Resolves a backing file name as QEMU does: absolute, or relative to the overlay's directory.
@@ -166,6 +184,7 @@ pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
 fn open_chain(
     path: &Path,
     opts: &OpenOptions,
+    secret: Option<&crate::crypto::secret::Passphrase>,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Box<dyn BlockImage>> {
     let shown = path.display().to_string();
@@ -199,9 +218,15 @@ fn open_chain(
             Box::new(storage) as Box<dyn Storage>,
             opts.read_only,
         )?)),
+        Format::Luks => Ok(Box::new(crypt::open_raw_luks(
+            Box::new(storage),
+            opts.read_only,
+            secret,
+        )?)),
         Format::Qcow2 => {
             let probe = crate::qcow2::probe(&storage)?;
-            let backing = open_backing(path, &probe.header, opts, chain)?;
+            let crypt = crypt::qcow2_crypt(&storage, &probe, secret)?;
+            let backing = open_backing(path, &probe.header, opts, secret, chain)?;
             let data = match &probe.header.data_file {
                 None => None,
                 Some(name) if opts.backing == BackingPolicy::Deny => {
@@ -226,7 +251,7 @@ fn open_chain(
                     ..Default::default()
                 },
                 backing,
-                None,
+                crypt,
             )?;
             Ok(Box::new(qcow2::Qcow2Image::new(q)))
         }
@@ -238,6 +263,7 @@ pub fn open_backing(
     path: &Path,
     header: &crate::qcow2::Header,
     opts: &OpenOptions,
+    secret: Option<&crate::crypto::secret::Passphrase>,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Option<Box<dyn crate::qcow2::BackingRead>>> {
     let Some(name) = &header.backing_file else {
@@ -264,27 +290,8 @@ pub fn open_backing(
         format,
         backing: opts.backing,
     };
-    let b = open_chain(&resolve_backing(path, name), &bopts, chain)?;
+    let b = open_chain(&resolve_backing(path, name), &bopts, secret, chain)?;
     Ok(Some(Box::new(qcow2::BackingImage(b))))
-}
-
-/// Opens a qcow2 image over `storage`; `crypt` is the LUKS/AES layer's decryptor, if any.
-pub fn open_qcow2(
-    storage: Box<dyn Storage>,
-    opts: &OpenOptions,
-    backing: Option<Box<dyn crate::qcow2::BackingRead>>,
-    crypt: Option<Arc<dyn crate::qcow2::ClusterCrypt>>,
-) -> Result<qcow2::Qcow2Image> {
-    let q = crate::qcow2::Qcow2::open(
-        storage,
-        &crate::qcow2::Qcow2Options {
-            read_only: opts.read_only,
-            ..Default::default()
-        },
-        backing,
-        crypt,
-    )?;
-    Ok(qcow2::Qcow2Image::new(q))
 }
 
 #[doc(hidden)]

@@ -197,8 +197,9 @@ impl BlkBackend {
         self.features
     }
 
-    /// Serves every available chain of one queue; signals the guest once per batch.
-    fn process_queue(&self, vring: &VringRwLock<GuestMemory>, queue: usize) -> io::Result<()> {
+    /// Serves every available chain of one queue; signals the guest once per batch. Returns
+    /// how many chains were completed.
+    fn process_queue(&self, vring: &VringRwLock<GuestMemory>, queue: usize) -> io::Result<u32> {
         let mem = self
             .mem
             .read()
@@ -236,7 +237,7 @@ impl BlkBackend {
                 }
             }
         }
-        Ok(())
+        Ok(completed)
     }
 }
 
@@ -279,6 +280,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        log::debug!("SET_CONFIG offset {offset} len {}", buf.len());
         let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE);
         match (usize::try_from(offset), buf) {
             (Ok(WRITEBACK_OFFSET), [v]) if wce != 0 => {
@@ -298,15 +300,35 @@ impl VhostUserBackend for BlkBackend {
                 );
                 Ok(())
             }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "only the writeback byte is writable",
-            )),
+            _ => {
+                log::warn!(
+                    "refused SET_CONFIG of {} bytes at offset {offset} (CONFIG_WCE acked: {})",
+                    buf.len(),
+                    wce != 0
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "only the writeback byte is writable",
+                ))
+            }
         }
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The queue is already marked not ready, so its worker pops nothing new; taking its
+        // scratch lock waits until the batch in progress has completed and been published, so
+        // the avail index the frontend is about to read has no request still in flight.
+        if let Some(s) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|q| self.scratch.get(q))
+        {
+            drop(s.lock().unwrap_or_else(PoisonError::into_inner));
+        }
         Ok(())
     }
 
@@ -340,14 +362,21 @@ impl VhostUserBackend for BlkBackend {
         if self.event_idx.load(Ordering::Relaxed) {
             // With EVENT_IDX the guest only kicks when it sees our avail_event move: suppress
             // kicks while draining, re-enable, and drain again if more arrived meanwhile.
+            let mut idle_rounds = 0;
             loop {
                 if let Err(e) = vring.disable_notification() {
                     log::error!("queue {thread_id}: cannot disable notifications: {e}");
                 }
-                self.process_queue(vring, thread_id)?;
+                let completed = self.process_queue(vring, thread_id)?;
+                // A stopped queue (GET_VRING_BASE) pops nothing while its avail index may still
+                // be ahead: do not spin on it. Two rounds without progress mean the same.
+                if !vring.get_ref().get_queue().ready() {
+                    break;
+                }
+                idle_rounds = if completed == 0 { idle_rounds + 1 } else { 0 };
                 match vring.enable_notification() {
-                    Ok(true) => continue,
-                    Ok(false) => break,
+                    Ok(true) if idle_rounds < 2 => continue,
+                    Ok(_) => break,
                     Err(e) => {
                         log::error!("queue {thread_id}: cannot enable notifications: {e}");
                         break;

@@ -62,7 +62,8 @@ fn classify(e: &BlkError) -> (u8, Blame) {
             | ImageError::BackingChain { .. }
             | ImageError::BackingFormat { .. }
             | ImageError::Luks(_)
-            | ImageError::Cipher(_) => (IOERR, Blame::Host),
+            | ImageError::Cipher(_)
+            | ImageError::NeedKey(_) => (IOERR, Blame::Host),
         },
     }
 }

@@ -43,10 +43,12 @@ impl Daemon {
         d
     }
 
-    /// Waits until the socket file exists (bind and listen happen together).
+    /// Waits until the daemon accepts connections. The file appears at bind(), a moment before
+    /// listen(), so probe with a connection (which the daemon sees as a frontend that leaves at
+    /// once, and goes back to accepting).
     pub fn wait_for_socket(&self) {
         let t = Instant::now();
-        while !self.sock.exists() {
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
                 "daemon did not create its socket"

@@ -13,7 +13,8 @@
 # of the ~80 MiB of fio libraries costs seconds under TCG. VUQ_GUEST_INITRD_GZIP=1 gzips it.
 #
 # Output is cached in DIR (default: <repo>/target/guest) under a key made of the kernel version
-# and the hash of this script and init; a second run with the same inputs does nothing. The last
+# and the hash of this script and init; a second run with the same inputs does nothing, a build
+# with new inputs removes the older builds. The last
 # two lines on stdout are always:
 #   KERNEL=<path>
 #   INITRD=<path>
@@ -122,13 +123,14 @@ chmod 755 "$root/init"
 declare -A loaded=()
 modlist=()
 add_module() { # path relative to $moddir
-    local rel=$1 line dep
+    local rel=$1 line
     [ -n "${loaded[$rel]:-}" ] && return 0
     loaded[$rel]=1
     line=$(grep -E "^${rel//./\\.}:" "$moddir/modules.dep" || true)
     [ -n "$line" ] || die "$rel not in modules.dep"
     # modules.dep lists dependencies so that the last one must be loaded first.
-    local deps=(${line#*:})
+    local deps
+    read -r -a deps <<<"${line#*:}"
     local i
     for ((i = ${#deps[@]} - 1; i >= 0; i--)); do
         add_module "${deps[$i]}"
@@ -193,4 +195,9 @@ log "initramfs: $(du -h "$tmp/$initrd" | cut -f1)"
 printf 'KERNEL=%s\nINITRD=%s\n' "$out/$kernel" "$out/$initrd" >"$tmp/done"
 mv "$tmp" "$out"
 trap - EXIT
+# Each is ~150 MiB: drop guests built from older inputs.
+for d in "$out_root"/*/; do
+    d=${d%/}
+    [ "$d" = "$out" ] || [ ! -f "$d/done" ] || rm -rf "$d"
+done
 cat "$out/done"

@@ -462,9 +462,11 @@ fn essiv_key(hash: EssivHash, key: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
     use sha2::Digest;
     match hash {
         EssivHash::Sha256 => {
-            let digest = sha2::Sha256::digest(key);
+            use zeroize::Zeroize;
+            let mut digest = sha2::Sha256::digest(key);
             let mut out = zeroize::Zeroizing::new([0u8; 32]);
             out.copy_from_slice(&digest);
+            digest.as_mut_slice().zeroize();
             out
         }
     }

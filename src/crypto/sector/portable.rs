@@ -64,6 +64,26 @@ impl BlockImpl for HwAes {
     }
 }
 
+/// `blocks[j] = src[j] ^ T x^j` (in place when `src` is `None`) for one sector with first
+/// tweak `t`.
+#[inline(always)]
+fn whiten_sector(mut t: u128, src: Option<&[Block]>, blocks: &mut [Block]) {
+    match src {
+        Some(src) => {
+            for (b, s) in blocks.iter_mut().zip(src) {
+                *b = xor_block(*s, t.to_le_bytes());
+                t = xts_double(t);
+            }
+        }
+        None => {
+            for b in blocks.iter_mut() {
+                *b = xor_block(*b, t.to_le_bytes());
+                t = xts_double(t);
+            }
+        }
+    }
+}
+
 /// Sectors per chunk for XTS, ECB and CBC decryption (4 KiB, 256 blocks: a multiple of every
 /// parallel width of the `aes` crate).
 const CHUNK_SECTORS: usize = 8;
@@ -149,7 +169,6 @@ impl<C: BlockImpl> Engine<C> {
         let Some(tweak_cipher) = &self.tweak else {
             return;
         };
-        let mut tweaks = [[0u8; 16]; CHUNK_BLOCKS];
         let mut ivs = [[0u8; 16]; CHUNK_SECTORS];
         let mut sector = first_sector;
         for (ci, chunk) in dst.chunks_mut(CHUNK_BLOCKS).enumerate() {
@@ -157,38 +176,28 @@ impl<C: BlockImpl> Engine<C> {
             let ivs = &mut ivs[..n];
             self.ivs(sector, ivs);
             tweak_cipher.encrypt_blocks(ivs);
-            for (iv, tw) in ivs.iter().zip(tweaks.chunks_exact_mut(BLOCKS_PER_SECTOR)) {
-                let mut t = u128::from_le_bytes(*iv);
-                for b in tw.iter_mut() {
-                    *b = t.to_le_bytes();
-                    t = xts_double(t);
-                }
-            }
-            let tweaks = &tweaks[..chunk.len()];
-            match src {
-                Some(src) => {
-                    let src = &src[ci * CHUNK_BLOCKS..][..chunk.len()];
-                    for ((d, s), t) in chunk.iter_mut().zip(src).zip(tweaks) {
-                        *d = xor_block(*s, *t);
-                    }
-                }
-                None => {
-                    for (d, t) in chunk.iter_mut().zip(tweaks) {
-                        *d = xor_block(*d, *t);
-                    }
-                }
+            // Whiten with each block's tweak, en/decrypt the whole chunk in one call, whiten
+            // again with the tweaks derived a second time (cheaper than storing and wiping them;
+            // measured faster than whitening inside the `aes` backend closure per 8 blocks).
+            let src = src.map(|s| &s[ci * CHUNK_BLOCKS..][..chunk.len()]);
+            for (si, (iv, blocks)) in ivs
+                .iter()
+                .zip(chunk.chunks_exact_mut(BLOCKS_PER_SECTOR))
+                .enumerate()
+            {
+                let src = src.map(|s| &s[si * BLOCKS_PER_SECTOR..][..BLOCKS_PER_SECTOR]);
+                whiten_sector(u128::from_le_bytes(*iv), src, blocks);
             }
             if enc {
                 self.data.encrypt_blocks(chunk);
             } else {
                 self.data.decrypt_blocks(chunk);
             }
-            for (d, t) in chunk.iter_mut().zip(tweaks) {
-                *d = xor_block(*d, *t);
+            for (iv, blocks) in ivs.iter().zip(chunk.chunks_exact_mut(BLOCKS_PER_SECTOR)) {
+                whiten_sector(u128::from_le_bytes(*iv), None, blocks);
             }
             sector = sector.wrapping_add(CHUNK_SECTORS as u64);
         }
-        tweaks.zeroize();
         ivs.zeroize();
     }
 
@@ -217,7 +226,7 @@ impl<C: BlockImpl> Engine<C> {
             }
             sector = sector.wrapping_add(CBC_LANES as u64);
         }
-        chain.zeroize();
+        // `chain` ends holding ciphertext blocks: nothing to wipe.
     }
 
     fn cbc_decrypt(&self, buf: &mut [Block], first_sector: u64) {

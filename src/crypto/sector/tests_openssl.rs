@@ -205,6 +205,14 @@ fn soft_request_lengths_match_openssl() {
     all_lengths(Some(EnginePath::Soft), &lengths, 3);
 }
 
+/// The complete length sweep for the soft path: too slow for a debug build (the software AES runs
+/// at well under 1 MB/s there). `cargo test --release --lib soft_every_request_length -- --ignored`
+#[test]
+#[ignore]
+fn soft_every_request_length_matches_openssl() {
+    all_lengths(Some(EnginePath::Soft), &(1..=256).collect::<Vec<_>>(), 5);
+}
+
 #[test]
 fn env_variable_forces_the_path() {
     // Runs in a child process so that the variable does not leak into other tests.

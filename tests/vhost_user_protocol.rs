@@ -1,0 +1,348 @@
+//! Protocol-level tests with the `vhost` crate's frontend: our own memfd "guest memory" and a
+//! split virtqueue written by hand, to send the malformed chains no real driver sends.
+
+// Ring arithmetic on small test constants.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const INDIRECT: u64 = 0x3000;
+const HDR: u64 = 0x4000;
+const STATUS: u64 = 0x5000;
+const DATA: u64 = 0x10000;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// Shared memory standing in for guest RAM (guest physical address 0 = offset 0).
+struct GuestMem {
+    ptr: *mut u8,
+    fd: OwnedFd,
+}
+
+impl GuestMem {
+    fn new() -> GuestMem {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"vuq-test-mem".as_ptr(), 0) };
+        assert!(raw >= 0, "memfd_create");
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let size = libc::off_t::try_from(MEM_SIZE).expect("fits");
+        // SAFETY: ftruncate on our memfd.
+        let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size) };
+        assert_eq!(r, 0);
+        // SAFETY: a new shared mapping of the whole memfd; checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        GuestMem {
+            ptr: ptr.cast(),
+            fd,
+        }
+    }
+
+    fn at(&self, gpa: u64, len: usize) -> *mut u8 {
+        let o = usize::try_from(gpa).expect("fits");
+        assert!(o + len <= MEM_SIZE);
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.ptr.add(o) }
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) {
+        let p = self.at(gpa, data.len());
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: in bounds; volatile because the daemon shares this memory.
+            unsafe { p.add(i).write_volatile(*b) };
+        }
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let p = self.at(gpa, len);
+        // SAFETY: in bounds; volatile because the daemon shares this memory.
+        (0..len)
+            .map(|i| unsafe { p.add(i).read_volatile() })
+            .collect()
+    }
+
+    fn u16_at(&self, gpa: u64) -> u16 {
+        let b = self.read(gpa, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+impl Drop for GuestMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping created in new().
+        unsafe { libc::munmap(self.ptr.cast(), MEM_SIZE) };
+    }
+}
+
+/// One descriptor: (guest address, length, flags without NEXT).
+type Desc = (u64, u32, u16);
+
+struct Vq {
+    mem: GuestMem,
+    fe: Frontend,
+    kick: EventFd,
+    _call: EventFd,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+impl Vq {
+    fn connect(d: &Daemon) -> Vq {
+        let mem = GuestMem::new();
+        let mut fe = Frontend::connect(&d.sock, 1).expect("connect");
+        fe.set_owner().expect("set_owner");
+        let offered = fe.get_features().expect("get_features");
+        let want = (1u64 << 32) | (1 << 30) | (1 << 28); // VERSION_1, PROTOCOL_FEATURES, INDIRECT
+        assert_eq!(offered & want, want);
+        fe.set_features(want).expect("set_features");
+        let pf = fe.get_protocol_features().expect("protocol features");
+        assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+        assert!(!pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ)
+            .expect("set protocol features");
+        let base = mem.ptr as u64;
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: base,
+            mmap_offset: 0,
+            mmap_handle: mem.fd.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).expect("set_mem_table");
+        fe.set_vring_num(0, QSIZE).expect("vring num");
+        fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: base + DESC,
+                used_ring_addr: base + USED,
+                avail_ring_addr: base + AVAIL,
+                log_addr: None,
+            },
+        )
+        .expect("vring addr");
+        fe.set_vring_base(0, 0).expect("vring base");
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        fe.set_vring_call(0, &call).expect("call");
+        fe.set_vring_kick(0, &kick).expect("kick");
+        fe.set_vring_enable(0, true).expect("enable");
+        Vq {
+            mem,
+            fe,
+            kick,
+            _call: call,
+            avail_idx: 0,
+            used_idx: 0,
+        }
+    }
+
+    fn header(&self, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(HDR, &h);
+    }
+
+    fn write_table(&self, at: u64, descs: &[Desc]) {
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            let f = if last { flags } else { flags | F_NEXT };
+            d[12..14].copy_from_slice(&f.to_le_bytes());
+            let next = if last { 0 } else { (i + 1) as u16 };
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            self.mem.write(at + 16 * i as u64, &d);
+        }
+    }
+
+    /// Submits a chain (indirect if `indirect`), waits for it; returns (used len, status byte).
+    fn submit(&mut self, descs: &[Desc], indirect: bool) -> (u32, u8) {
+        self.mem.write(STATUS, &[0xff]);
+        if indirect {
+            self.write_table(INDIRECT, descs);
+            self.write_table(DESC, &[(INDIRECT, (descs.len() * 16) as u32, F_INDIRECT)]);
+        } else {
+            self.write_table(DESC, descs);
+        }
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        self.mem.write(slot, &0u16.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
+        let t = Instant::now();
+        while self.mem.u16_at(USED + 2) == self.used_idx {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "request not completed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fence(Ordering::SeqCst);
+        let elem = USED + 4 + 8 * u64::from(self.used_idx % QSIZE);
+        self.used_idx = self.used_idx.wrapping_add(1);
+        let e = self.mem.read(elem, 8);
+        assert_eq!(u32::from_le_bytes([e[0], e[1], e[2], e[3]]), 0, "used id");
+        let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        (len, self.mem.read(STATUS, 1)[0])
+    }
+
+    fn read_ok(&mut self, sector: u64) -> Vec<u8> {
+        self.header(T_IN, sector);
+        let r = self.submit(
+            &[(HDR, 16, 0), (DATA, 512, F_WRITE), (STATUS, 1, F_WRITE)],
+            false,
+        );
+        assert_eq!(r, (513, S_OK));
+        self.mem.read(DATA, 512)
+    }
+}
+
+#[test]
+fn get_config_answers_the_prefix_asked_for() {
+    let d = Daemon::start(4 << 20, &["--num-queues", "3", "--queue-size", "128"]);
+    let mut vq = Vq::connect(&d);
+    for len in [57u32, 60] {
+        let (hdr, cfg) = vq
+            .fe
+            .get_config(
+                0,
+                len,
+                VhostUserConfigFlags::WRITABLE,
+                &vec![0u8; len as usize],
+            )
+            .expect("get_config");
+        let size = hdr.size;
+        assert_eq!(size, len);
+        assert_eq!(cfg.len(), len as usize);
+        assert_eq!(&cfg[0..8], &((4u64 << 20) / 512).to_le_bytes(), "capacity");
+        assert_eq!(&cfg[12..16], &126u32.to_le_bytes(), "seg_max");
+        assert_eq!(&cfg[20..24], &512u32.to_le_bytes(), "blk_size");
+        assert_eq!(&cfg[34..36], &3u16.to_le_bytes(), "num_queues");
+    }
+    assert_eq!(vq.fe.get_queue_num().expect("queue num"), 3);
+    // (A request outside the structure is answered with an empty reply, which the `vhost`
+    // crate's frontend waits on forever instead of failing: not exercised here; see the unit test
+    // `read_answers_exactly_the_prefix_asked_for`.)
+    assert_eq!(vq.read_ok(1), vec![1u8; 512]);
+}
+
+#[test]
+fn malformed_chains_get_errors_and_the_daemon_keeps_serving() {
+    let d = Daemon::start(
+        1 << 20,
+        &["--queue-size", "16", "--serial", "vuq-serial-42"],
+    );
+    let mut vq = Vq::connect(&d);
+    let cap_sectors = (1u64 << 20) / 512;
+    let data_w = (DATA, 512u32, F_WRITE);
+    let status = (STATUS, 1u32, F_WRITE);
+    let hdr = (HDR, 16u32, 0u16);
+
+    assert_eq!(vq.read_ok(5), vec![5u8; 512]);
+
+    // Past capacity.
+    vq.header(T_IN, cap_sectors);
+    assert_eq!(vq.submit(&[hdr, data_w, status], false), (1, S_IOERR));
+    vq.header(T_IN, cap_sectors - 1);
+    assert_eq!(
+        vq.submit(&[hdr, (DATA, 1024, F_WRITE), status], false),
+        (1, S_IOERR)
+    );
+    // Overflowing sector numbers.
+    vq.header(T_IN, u64::MAX);
+    assert_eq!(vq.submit(&[hdr, data_w, status], false), (1, S_IOERR));
+    vq.header(T_IN, u64::MAX / 512 + 1);
+    assert_eq!(vq.submit(&[hdr, data_w, status], false), (1, S_IOERR));
+    // Status descriptor not device-writable: nothing written, chain completed empty.
+    vq.header(T_IN, 0);
+    assert_eq!(vq.submit(&[hdr, data_w, (STATUS, 1, 0)], false), (0, 0xff));
+    // Header shorter than 16 bytes.
+    vq.header(T_IN, 0);
+    assert_eq!(vq.submit(&[(HDR, 8, 0), status], false), (1, S_IOERR));
+    // Unknown request type.
+    vq.header(0x4242, 0);
+    assert_eq!(vq.submit(&[hdr, status], false), (1, S_UNSUPP));
+    // Too many segments: seg_max is queue size - 2 = 14; 15 data descriptors via an indirect table.
+    vq.header(T_IN, 0);
+    let mut many = vec![hdr];
+    many.extend((0..15).map(|i| (DATA + 512 * i, 512, F_WRITE)));
+    many.push(status);
+    assert_eq!(vq.submit(&many, true), (1, S_IOERR));
+    // ...while 14 are fine, through the same indirect path.
+    let mut ok = vec![hdr];
+    ok.extend((0..14).map(|i| (DATA + 512 * i, 512, F_WRITE)));
+    ok.push(status);
+    assert_eq!(vq.submit(&ok, true), (14 * 512 + 1, S_OK));
+    // Data outside guest memory.
+    vq.header(T_IN, 0);
+    assert_eq!(
+        vq.submit(&[hdr, (MEM_SIZE as u64 - 256, 512, F_WRITE), status], false),
+        (1, S_IOERR)
+    );
+    // GET_ID returns the serial.
+    vq.header(T_GET_ID, 0);
+    assert_eq!(
+        vq.submit(&[hdr, (DATA, 20, F_WRITE), status], false),
+        (21, S_OK)
+    );
+    assert_eq!(&vq.mem.read(DATA, 20)[..13], b"vuq-serial-42");
+
+    // Still serving, and the data path is intact.
+    assert_eq!(vq.read_ok(7), vec![7u8; 512]);
+}
+
+#[test]
+fn writes_to_a_read_only_export_get_ioerr() {
+    let d = Daemon::start(1 << 20, &["--read-only"]);
+    let mut vq = Vq::connect(&d);
+    vq.mem.write(DATA, &[0xee; 512]);
+    vq.header(T_OUT, 2);
+    assert_eq!(
+        vq.submit(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)], false),
+        (1, S_IOERR)
+    );
+    assert_eq!(vq.read_ok(2), vec![2u8; 512]);
+    let file = std::fs::read(&d.image).expect("image");
+    assert_eq!(&file[1024..1536], &[2u8; 512][..]);
+}
