@@ -17,7 +17,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc::Refcounts;
-use super::header::{Header, AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::header::{Header, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
 use super::metadata::{L2Cache, Lookup, Mapping, Meta, COPIED, OFFSET_MASK, ZERO};
 use super::types::Geometry;
 use super::{compressed, BackingRead, ClusterCrypt, Error, Result};
@@ -612,10 +612,10 @@ impl Qcow2 {
             return Ok(());
         }
         if self.header.version >= 3 && self.header.autoclear != 0 {
-            // We do not maintain bitmaps or anything else behind autoclear bits.
-            // Clear them all: bit 0 (bitmaps) included, as we do not update bitmaps.
-            let keep = self.header.autoclear & !(AUTOCLEAR_BITMAPS | !0);
-            self.storage.write_at(&keep.to_be_bytes(), OFF_AUTOCLEAR)?;
+            // We maintain nothing behind autoclear bits: not bit 0 (bitmaps, which become
+            // inconsistent as soon as we write), not bit 1 (raw external data: our zero clusters
+            // do not zero the data file), not unknown ones. Clear them all.
+            self.storage.write_at(&0u64.to_be_bytes(), OFF_AUTOCLEAR)?;
             self.storage.sync()?;
         }
         m.written = true;
