@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc::Refcounts;
 use super::header::{Header, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::iov::{copy_from, fill_zero, total, IovMut, IovRef};
 use super::metadata::{L2Cache, Lookup, Mapping, Meta, COPIED, OFFSET_MASK, ZERO};
 use super::types::Geometry;
 use super::{compressed, BackingRead, ClusterCrypt, Error, Result};
@@ -68,107 +69,6 @@ const POOL_BYTES: u64 = 4 << 20;
 
 /// Limit of pending frees before a write forces a barrier.
 const MAX_PENDING_FREES: usize = 4096;
-
-/// A cursor over the caller's read buffers, handing out sub-slices in order.
-struct IovMut<'a, 'b> {
-    bufs: &'a mut [IoSliceMut<'b>],
-    idx: usize,
-    off: usize,
-}
-
-impl<'a, 'b> IovMut<'a, 'b> {
-    fn new(bufs: &'a mut [IoSliceMut<'b>]) -> Self {
-        Self {
-            bufs,
-            idx: 0,
-            off: 0,
-        }
-    }
-
-    /// The next `len` bytes as slices.
-    fn take(&mut self, len: usize) -> Vec<IoSliceMut<'_>> {
-        let (start_idx, start_off) = (self.idx, self.off);
-        let mut left = len;
-        while left > 0 && self.idx < self.bufs.len() {
-            let n = (self.bufs[self.idx].len() - self.off).min(left);
-            left -= n;
-            self.off += n;
-            if self.off == self.bufs[self.idx].len() {
-                self.idx += 1;
-                self.off = 0;
-            }
-        }
-        let mut out = Vec::new();
-        let mut left = len;
-        let mut off = start_off;
-        for b in self.bufs[start_idx..].iter_mut() {
-            if left == 0 {
-                break;
-            }
-            let n = (b.len() - off).min(left);
-            if n > 0 {
-                out.push(IoSliceMut::new(&mut b[off..off + n]));
-            }
-            left -= n;
-            off = 0;
-        }
-        out
-    }
-}
-
-/// A cursor over the caller's write buffers.
-struct IovRef<'a, 'b> {
-    bufs: &'a [IoSlice<'b>],
-    idx: usize,
-    off: usize,
-}
-
-impl<'a, 'b> IovRef<'a, 'b> {
-    fn new(bufs: &'a [IoSlice<'b>]) -> Self {
-        Self {
-            bufs,
-            idx: 0,
-            off: 0,
-        }
-    }
-
-    fn take(&mut self, len: usize) -> Vec<IoSlice<'a>> {
-        let mut out = Vec::new();
-        let mut left = len;
-        while left > 0 && self.idx < self.bufs.len() {
-            let b: &'a [u8] = &self.bufs[self.idx];
-            let n = (b.len() - self.off).min(left);
-            if n > 0 {
-                out.push(IoSlice::new(&b[self.off..self.off + n]));
-            }
-            left -= n;
-            self.off += n;
-            if self.off == b.len() {
-                self.idx += 1;
-                self.off = 0;
-            }
-        }
-        out
-    }
-}
-
-fn copy_from(slices: &[IoSlice<'_>], dst: &mut [u8]) {
-    let mut p = 0;
-    for s in slices {
-        dst[p..p + s.len()].copy_from_slice(s);
-        p += s.len();
-    }
-}
-
-fn fill_zero(slices: &mut [IoSliceMut<'_>]) {
-    for s in slices.iter_mut() {
-        s.fill(0);
-    }
-}
-
-fn total(slices: &[IoSliceMut<'_>]) -> usize {
-    slices.iter().map(|s| s.len()).sum()
-}
 
 fn to_usize(v: u64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::TooLarge)

@@ -21,6 +21,7 @@ pub mod compressed;
 pub mod create;
 pub mod engine;
 pub mod header;
+mod iov;
 pub mod metadata;
 pub mod types;
 
