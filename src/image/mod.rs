@@ -202,17 +202,33 @@ fn open_chain(
         });
     }
     chain.push(canon);
+    // Detect through the page cache: O_DIRECT refuses small unaligned reads.
+    let format = match opts.format {
+        Some(f) => f,
+        None => detect_format(&FileStorage::open(
+            path,
+            OpenFlags {
+                read_only: true,
+                direct: false,
+            },
+        )?)?,
+    };
+    // Only raw images do all their I/O on guest buffers; qcow2 and LUKS metadata I/O uses small
+    // unaligned buffers that O_DIRECT refuses, so those formats stay on the page cache.
+    let direct = opts.direct && format == Format::Raw;
+    if opts.direct && !direct {
+        log::warn!(
+            "{shown}: O_DIRECT is not supported for {} images; using the page cache",
+            format.name()
+        );
+    }
     let storage = FileStorage::open(
         path,
         OpenFlags {
             read_only: opts.read_only,
-            direct: opts.direct,
+            direct,
         },
     )?;
-    let format = match opts.format {
-        Some(f) => f,
-        None => detect_format(&storage)?,
-    };
     match format {
         Format::Raw => Ok(Box::new(raw::RawImage::new(
             Box::new(storage) as Box<dyn Storage>,
@@ -239,7 +255,7 @@ fn open_chain(
                     &resolve_backing(path, name),
                     OpenFlags {
                         read_only: opts.read_only,
-                        direct: opts.direct,
+                        direct: false,
                     },
                 )?) as Box<dyn Storage>),
             };
