@@ -61,6 +61,30 @@ fn qcow2_overlay_made_by_us_guest_fio_verify_via_daemon() {
     );
 }
 
+/// A raw LUKS1 file made by qemu-img, served with `--key-secret-file`; qemu-io opens it with the
+/// same secret for the checks, and no plaintext pattern may appear in the file. (The qcow2+LUKS
+/// cases are in tests/luks_e2e_guest.rs.)
+fn luks_case(tag: &str) -> ImageCase {
+    const PASS: &str = "e2e-raw-luks-pass";
+    let key =
+        std::env::temp_dir().join(format!("vuq-e2e-raw-luks-{}-{tag}.key", std::process::id()));
+    std::fs::write(&key, PASS).expect("key file");
+    ImageCase::luks(
+        PASS,
+        vec!["--key-secret-file".to_owned(), key.display().to_string()],
+    )
+}
+
+#[test]
+fn raw_luks_image_guest_fio_verify_via_daemon() {
+    run_guest_fio(&luks_case("daemon"), Backend::Daemon);
+}
+
+#[test]
+fn raw_luks_image_guest_fio_verify_via_qemu_storage_daemon() {
+    run_guest_fio(&luks_case("qsd"), Backend::QemuStorageDaemon);
+}
+
 /// The rig must be able to fail: with the backend writing 1 MiB away from where the guest
 /// thinks, the guest's own fio verification passes, so only the host-side qemu-io checks can
 /// notice, and they must.
