@@ -184,6 +184,12 @@ const CASES: &[Mutation] = &[
         |e| matches!(e, QErr::UnknownIncompatible { bits } if *bits == 1 << 17),
     ),
     (
+        "corrupt bit: read-only only",
+        false,
+        |b| put64(b, 72, 1 << 1),
+        |e| matches!(e, QErr::Corrupt),
+    ),
+    (
         "crypt method 3",
         false,
         |b| put32(b, 32, 3),

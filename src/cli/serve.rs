@@ -173,6 +173,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
+        forbid_core_dumps();
         Some(args.key.source().read("Passphrase: ", false)?)
     } else {
         None
@@ -180,6 +181,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     let opened = match image::open_with_secret(image_path, &open_opts, secret.as_ref()) {
         // Encrypted and no key given: ask on the terminal when there is one.
         Err(e) if !given && needs_key(&e) && std::io::IsTerminal::is_terminal(&io::stdin()) => {
+            forbid_core_dumps();
             let pass = args.key.source().read("Passphrase: ", false)?;
             image::open_with_secret(image_path, &open_opts, Some(&pass))
         }
@@ -320,6 +322,18 @@ fn block_signals() -> io::Result<libc::sigset_t> {
         return Err(io::Error::from_raw_os_error(r));
     }
     Ok(set)
+}
+
+/// Keys will live in this process: no core dumps of it, and no ptrace by unprivileged users.
+fn forbid_core_dumps() {
+    // SAFETY: PR_SET_DUMPABLE takes an integer argument and touches no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if r != 0 {
+        log::warn!(
+            "cannot make the process non-dumpable: {}",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 /// On SIGTERM/SIGINT: flush the image, remove the socket, exit 0 (1 if the flush failed).

@@ -324,13 +324,20 @@ impl Refcounts {
     /// Finds `n` consecutive clusters with refcount 0 (not yet referenced) from the hint on, and
     /// moves the hint past them. Nothing is written.
     pub fn find_free(&mut self, storage: &dyn Storage, n: u64) -> Result<u64, Error> {
-        let max_c = MAX_HOST_OFFSET >> self.cluster_bits;
+        // A free run always exists at the end of the file; scanning much further means the
+        // refcounts are garbage (a hostile image could otherwise make this loop for hours).
+        let file_clusters = storage.len()?.div_ceil(self.cs());
+        let max_c = (MAX_HOST_OFFSET >> self.cluster_bits)
+            .min(file_clusters.saturating_add(n).saturating_add(1 << 20));
         let mut start = self.hint;
         let mut run = 0u64;
         let mut c = self.hint;
         while run < n {
             if c >= max_c {
-                return Err(Error::TooLarge);
+                return Err(Error::BadOffset {
+                    what: "no free cluster after the end of the file (refcounts corrupt?)",
+                    offset: c << self.cluster_bits,
+                });
             }
             if self.block_offset(c >> self.epb_bits)?.is_none() {
                 // A whole uncovered block is free.

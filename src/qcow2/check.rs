@@ -36,14 +36,10 @@ pub struct CheckResult {
     pub corruptions_fixed: u64,
 }
 
-/// Most clusters past the end of the file a reference may name before it counts as corrupt
-/// (bounds the in-memory reference table).
-const SLACK_CLUSTERS: u64 = 1 << 20;
-
 struct Refs {
     counts: Vec<u32>,
     cluster_bits: u32,
-    limit: u64,
+    file_len: u64,
 }
 
 impl Refs {
@@ -56,12 +52,14 @@ impl Refs {
             res.corruptions += 1;
             return;
         };
-        if last >= self.limit {
+        // As QEMU (qcow2_inc_refcounts_imrt): a reference ending a cluster or more past the end
+        // of the file is a corruption and is not counted (the last cluster may be partial).
+        if offset.saturating_add(len) >= self.file_len.saturating_add(1 << self.cluster_bits) {
             res.corruptions += 1;
             return;
         }
         for c in first..=last {
-            // Bounded by `limit`, which fits in memory by construction.
+            // Bounded by the file length checked above.
             let i = usize::try_from(c).unwrap_or(usize::MAX);
             if i >= self.counts.len() {
                 self.counts.resize(i + 1, 0);
@@ -239,7 +237,7 @@ impl Walker<'_> {
         let mut refs = Refs {
             counts: vec![0; usize::try_from(file_clusters).map_err(|_| Error::TooLarge)?],
             cluster_bits: self.geo.cluster_bits,
-            limit: file_clusters + SLACK_CLUSTERS,
+            file_len: self.file_len,
         };
         refs.add(res, 0, cs);
         self.walk_l1(&mut refs, res, self.h.l1_table_offset, self.h.l1_size, true)?;

@@ -17,7 +17,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc::Refcounts;
-use super::header::{Header, AUTOCLEAR_BITMAPS, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::header::{Header, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
+use super::iov::{copy_from, fill_zero, total, IovMut, IovRef};
 use super::metadata::{L2Cache, Lookup, Mapping, Meta, COPIED, OFFSET_MASK, ZERO};
 use super::types::Geometry;
 use super::{compressed, BackingRead, ClusterCrypt, Error, Result};
@@ -68,107 +69,6 @@ const POOL_BYTES: u64 = 4 << 20;
 
 /// Limit of pending frees before a write forces a barrier.
 const MAX_PENDING_FREES: usize = 4096;
-
-/// A cursor over the caller's read buffers, handing out sub-slices in order.
-struct IovMut<'a, 'b> {
-    bufs: &'a mut [IoSliceMut<'b>],
-    idx: usize,
-    off: usize,
-}
-
-impl<'a, 'b> IovMut<'a, 'b> {
-    fn new(bufs: &'a mut [IoSliceMut<'b>]) -> Self {
-        Self {
-            bufs,
-            idx: 0,
-            off: 0,
-        }
-    }
-
-    /// The next `len` bytes as slices.
-    fn take(&mut self, len: usize) -> Vec<IoSliceMut<'_>> {
-        let (start_idx, start_off) = (self.idx, self.off);
-        let mut left = len;
-        while left > 0 && self.idx < self.bufs.len() {
-            let n = (self.bufs[self.idx].len() - self.off).min(left);
-            left -= n;
-            self.off += n;
-            if self.off == self.bufs[self.idx].len() {
-                self.idx += 1;
-                self.off = 0;
-            }
-        }
-        let mut out = Vec::new();
-        let mut left = len;
-        let mut off = start_off;
-        for b in self.bufs[start_idx..].iter_mut() {
-            if left == 0 {
-                break;
-            }
-            let n = (b.len() - off).min(left);
-            if n > 0 {
-                out.push(IoSliceMut::new(&mut b[off..off + n]));
-            }
-            left -= n;
-            off = 0;
-        }
-        out
-    }
-}
-
-/// A cursor over the caller's write buffers.
-struct IovRef<'a, 'b> {
-    bufs: &'a [IoSlice<'b>],
-    idx: usize,
-    off: usize,
-}
-
-impl<'a, 'b> IovRef<'a, 'b> {
-    fn new(bufs: &'a [IoSlice<'b>]) -> Self {
-        Self {
-            bufs,
-            idx: 0,
-            off: 0,
-        }
-    }
-
-    fn take(&mut self, len: usize) -> Vec<IoSlice<'a>> {
-        let mut out = Vec::new();
-        let mut left = len;
-        while left > 0 && self.idx < self.bufs.len() {
-            let b: &'a [u8] = &self.bufs[self.idx];
-            let n = (b.len() - self.off).min(left);
-            if n > 0 {
-                out.push(IoSlice::new(&b[self.off..self.off + n]));
-            }
-            left -= n;
-            self.off += n;
-            if self.off == b.len() {
-                self.idx += 1;
-                self.off = 0;
-            }
-        }
-        out
-    }
-}
-
-fn copy_from(slices: &[IoSlice<'_>], dst: &mut [u8]) {
-    let mut p = 0;
-    for s in slices {
-        dst[p..p + s.len()].copy_from_slice(s);
-        p += s.len();
-    }
-}
-
-fn fill_zero(slices: &mut [IoSliceMut<'_>]) {
-    for s in slices.iter_mut() {
-        s.fill(0);
-    }
-}
-
-fn total(slices: &[IoSliceMut<'_>]) -> usize {
-    slices.iter().map(|s| s.len()).sum()
-}
 
 fn to_usize(v: u64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::TooLarge)
@@ -612,10 +512,10 @@ impl Qcow2 {
             return Ok(());
         }
         if self.header.version >= 3 && self.header.autoclear != 0 {
-            // We do not maintain bitmaps or anything else behind autoclear bits.
-            // Clear them all: bit 0 (bitmaps) included, as we do not update bitmaps.
-            let keep = self.header.autoclear & !(AUTOCLEAR_BITMAPS | !0);
-            self.storage.write_at(&keep.to_be_bytes(), OFF_AUTOCLEAR)?;
+            // We maintain nothing behind autoclear bits: not bit 0 (bitmaps, which become
+            // inconsistent as soon as we write), not bit 1 (raw external data: our zero clusters
+            // do not zero the data file), not unknown ones. Clear them all.
+            self.storage.write_at(&0u64.to_be_bytes(), OFF_AUTOCLEAR)?;
             self.storage.sync()?;
         }
         m.written = true;
@@ -952,14 +852,18 @@ impl Qcow2 {
             d.sync()?;
         }
         self.storage.sync()?;
-        if self.meta_r().pending_frees.is_empty() {
-            return Ok(());
+        {
+            let m = self.meta_r();
+            if m.pending_frees.is_empty() && m.pool.0 >= m.pool.1 {
+                return Ok(());
+            }
         }
+        // Return the unused reserve (so that a flushed image has no leaks, even if the process
+        // then exits without closing it) and release clusters dropped since the last flush.
         let mut m = self.meta_w();
-        if !m.pending_frees.is_empty() {
-            self.apply_frees(&mut m)?;
-            self.storage.sync()?;
-        }
+        self.release_pool(&mut m)?;
+        self.apply_frees(&mut m)?;
+        self.storage.sync()?;
         Ok(())
     }
 
@@ -1117,12 +1021,6 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if !self.read_only {
-            let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = self.release_pool(&mut m) {
-                log::warn!("releasing reserved clusters on close failed: {e}");
-            }
-        }
         if let Err(e) = self.flush() {
             log::warn!("flush on close failed: {e}");
         }

@@ -104,15 +104,18 @@ impl Mapping {
 
 struct CachedL2 {
     table: Vec<u64>,
+    /// The cache epoch of the last use.
     last_use: AtomicU64,
 }
 
-/// A bounded cache of L2 tables, keyed by host offset. Entries are write-through (never dirty),
-/// so eviction only drops them.
+/// A bounded cache of L2 tables, keyed by host offset, evicting the least recently used at the
+/// granularity of an epoch (bumped by every insertion). A lookup only reads the shared epoch and
+/// writes its entry's stamp when it changed, so hot lookups from many threads do not contend on
+/// one cache line. Entries are write-through (never dirty), so eviction only drops them.
 pub struct L2Cache {
     map: HashMap<u64, CachedL2>,
     cap: usize,
-    tick: AtomicU64,
+    epoch: AtomicU64,
 }
 
 impl L2Cache {
@@ -121,15 +124,17 @@ impl L2Cache {
         Self {
             map: HashMap::new(),
             cap: cap.max(4),
-            tick: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
     /// A cached table (marks it used; callable under the read lock).
     pub fn get(&self, off: u64) -> Option<&[u64]> {
         let e = self.map.get(&off)?;
-        let t = self.tick.fetch_add(1, Ordering::Relaxed);
-        e.last_use.store(t, Ordering::Relaxed);
+        let now = self.epoch.load(Ordering::Relaxed);
+        if e.last_use.load(Ordering::Relaxed) != now {
+            e.last_use.store(now, Ordering::Relaxed);
+        }
         Some(&e.table)
     }
 
@@ -140,6 +145,11 @@ impl L2Cache {
 
     /// Inserts a table, evicting the least recently used one when full.
     pub fn insert(&mut self, off: u64, table: Vec<u64>) {
+        let now = {
+            let ep = self.epoch.get_mut();
+            *ep += 1;
+            *ep
+        };
         if self.map.len() >= self.cap && !self.map.contains_key(&off) {
             let victim = self
                 .map
@@ -150,12 +160,11 @@ impl L2Cache {
                 self.map.remove(&k);
             }
         }
-        let t = self.tick.fetch_add(1, Ordering::Relaxed);
         self.map.insert(
             off,
             CachedL2 {
                 table,
-                last_use: AtomicU64::new(t),
+                last_use: AtomicU64::new(now),
             },
         );
     }
@@ -309,5 +318,30 @@ pub fn unit_mapping(
         Mapping::decode_sub(entry, bitmap, j, geo)
     } else {
         Mapping::decode(entry, geo)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l2_cache_is_bounded_and_keeps_recently_used_tables() {
+        let mut c = L2Cache::new(4);
+        for off in 1..=5u64 {
+            c.insert(off * 512, vec![off]);
+        }
+        // Inserting the 5th evicted one of the first four.
+        assert_eq!(c.map.len(), 4);
+        let x = (1..=4u64)
+            .map(|o| o * 512)
+            .find(|k| c.map.contains_key(k))
+            .expect("a survivor");
+        for off in 6..=30u64 {
+            assert!(c.get(x).is_some(), "a table used before every insert stays");
+            c.insert(off * 512, vec![off]);
+            assert_eq!(c.map.len(), 4);
+            assert_eq!(c.get(off * 512), Some(&[off][..]));
+        }
     }
 }

@@ -21,6 +21,7 @@ pub mod compressed;
 pub mod create;
 pub mod engine;
 pub mod header;
+mod iov;
 pub mod metadata;
 pub mod types;
 
@@ -117,7 +118,7 @@ impl CryptError {
 /// Data-cluster encryption, implemented by the LUKS / legacy-AES layer.
 pub trait ClusterCrypt: Send + Sync {
     /// Decrypt in place data just read from the file. `host_offset` is the file offset of `buf[0]`,
-    /// `guest_offset` the guest offset of `buf[0]`; both multiples of 512, buf.len() a multiple of 512.
+    /// `guest_offset` the guest offset of `buf[0]`; both multiples of 512, `buf.len()` a multiple of 512.
     fn decrypt(
         &self,
         buf: &mut [u8],
