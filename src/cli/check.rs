@@ -1,14 +1,14 @@
 //! `vhost-user-qcow2 check`: refcount consistency, as `qemu-img check` (same counts, same
 //! JSON field names, same exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
 
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
-use crate::qcow2::check::{check, CheckResult, Repair};
+use crate::qcow2::check::{check_with_progress, CheckResult, Repair};
 use crate::storage::{FileStorage, OpenFlags};
 
 /// What `--repair` fixes.
@@ -87,7 +87,17 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         RepairArg::Leaks => Repair::Leaks,
         RepairArg::All => Repair::All,
     });
-    let r = check(&st, repair)?;
+    // A progress line on a terminal (as qemu-img -p), nothing in pipes and logs.
+    let tty = args.output == OutputFormat::Human && std::io::stderr().is_terminal();
+    let show = |done: u64, total: u64| {
+        if total > 0 && done.is_multiple_of(16) {
+            eprint!("\r    ({:.2}/100%)", done as f64 * 100.0 / total as f64);
+        }
+    };
+    let r = check_with_progress(&st, repair, tty.then_some(&show as &dyn Fn(u64, u64)))?;
+    if tty {
+        eprint!("\r    (100.00/100%)\n");
+    }
     let name = args.file.display().to_string();
     if args.output == OutputFormat::Json {
         writeln!(

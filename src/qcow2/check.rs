@@ -78,7 +78,11 @@ fn count_alloc(res: &mut CheckResult, next_contiguous: &mut u64, host: u64, cs: 
     *next_contiguous = host + cs;
 }
 
+/// Progress callback: (done, total) L1 entries of the active table.
+pub type Progress<'a> = &'a dyn Fn(u64, u64);
+
 struct Walker<'a> {
+    progress: Option<Progress<'a>>,
     st: &'a dyn Storage,
     h: &'a Header,
     geo: Geometry,
@@ -110,7 +114,11 @@ impl Walker<'_> {
         let cs = self.geo.cluster_size;
         refs.add(res, l1_off, u64::from(l1_size) * 8);
         let l1 = read_l1(self.st, l1_off, l1_size)?;
-        for e in l1 {
+        let total = l1.len() as u64;
+        for (i, e) in l1.into_iter().enumerate() {
+            if let (true, Some(p)) = (active, self.progress) {
+                p(i as u64, total);
+            }
             // As QEMU's check_refcounts_l2: contiguity is judged within one L2 table.
             let mut next_contiguous = 0u64;
             let l2 = e & OFFSET_MASK;
@@ -283,22 +291,37 @@ fn load_rc(st: &dyn Storage, h: &Header, read_only: bool) -> Result<Refcounts> {
 
 /// Checks (and optionally repairs) the image in `st`.
 pub fn check(st: &dyn Storage, repair: Option<Repair>) -> Result<CheckResult> {
+    check_with_progress(st, repair, None)
+}
+
+/// As [`check`], reporting progress through the active L1 table.
+pub fn check_with_progress(
+    st: &dyn Storage,
+    repair: Option<Repair>,
+    progress: Option<Progress<'_>>,
+) -> Result<CheckResult> {
     let h = Header::read(st)?;
-    let first = check_once(st, &h, repair)?;
+    let first = check_once(st, &h, repair, progress)?;
     if first.leaks_fixed == 0 && first.corruptions_fixed == 0 {
         return Ok(first);
     }
     let h = Header::read(st)?;
-    let mut again = check_once(st, &h, None)?;
+    let mut again = check_once(st, &h, None, None)?;
     again.leaks_fixed = first.leaks_fixed;
     again.corruptions_fixed = first.corruptions_fixed;
     Ok(again)
 }
 
-fn check_once(st: &dyn Storage, h: &Header, repair: Option<Repair>) -> Result<CheckResult> {
+fn check_once(
+    st: &dyn Storage,
+    h: &Header,
+    repair: Option<Repair>,
+    progress: Option<Progress<'_>>,
+) -> Result<CheckResult> {
     let geo = Geometry::new(h);
     let file_len = st.len()?;
     let w = Walker {
+        progress,
         st,
         h,
         geo,
@@ -378,6 +401,7 @@ fn check_copied(
     let file_len = st.len()?;
     let mut l1 = read_l1(st, h.l1_table_offset, h.l1_size)?;
     let w = Walker {
+        progress: None,
         st,
         h,
         geo: *geo,
@@ -448,6 +472,7 @@ pub fn rebuild_refcounts(st: &dyn Storage, h: &Header) -> Result<()> {
     let cs = geo.cluster_size;
     let file_len = st.len()?;
     let w = Walker {
+        progress: None,
         st,
         h,
         geo,

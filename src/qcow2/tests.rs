@@ -472,3 +472,18 @@ fn random_metadata_mutations_never_panic() {
         let _ = check(&s, Some(Repair::All));
     }
 }
+
+#[test]
+fn check_reports_progress_through_the_l1_table() {
+    let s = new_image(&CreateOptions {
+        size: 64 << 20,
+        cluster_size: 4096,
+        ..Default::default()
+    });
+    let calls = std::cell::Cell::new((0u64, 0u64));
+    let progress = |done: u64, total: u64| calls.set((calls.get().0 + 1, total.max(done)));
+    let r = super::check::check_with_progress(&s, None, Some(&progress)).expect("check");
+    assert_eq!(r.corruptions, 0);
+    // 64 MiB with 4 KiB clusters: 32 L1 entries of 2 MiB (512 L2 entries) each.
+    assert_eq!(calls.get(), (32, 32));
+}
