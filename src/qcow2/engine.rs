@@ -5,6 +5,9 @@
 //! Overwrites of clusters that are already allocated with refcount 1 hold the read lock across
 //! the data write (so a concurrent discard cannot free the cluster underneath). Everything that
 //! changes metadata (allocation, copy-on-write, L2 loads, discard) takes the write lock.
+//! Every read and write request also holds the in-flight gate for reading from its lookup to the
+//! end of its data I/O; dropping refcounts to 0 (flush, or too many pending frees) takes it for
+//! writing, so a freed cluster is never reused or punched under a request that still maps it.
 //!
 //! Crash ordering of an allocating write: refcount increments, new L2 tables and the data are
 //! written first; then one fdatasync; then the L2 entries and last the L1 entries. References
@@ -48,6 +51,11 @@ pub struct Qcow2 {
     geo: Geometry,
     read_only: bool,
     meta: RwLock<Meta>,
+    /// In-flight gate: every read and write request holds it for reading from its mapping
+    /// lookup to the end of its data I/O; [`Qcow2::apply_frees`] (the only place where
+    /// refcounts drop to 0 so that clusters are punched or reused) holds it for writing, so it
+    /// waits for the requests that may still use the old mappings. Taken before `meta`.
+    inflight: RwLock<()>,
     backing: Option<Box<dyn BackingRead>>,
     crypt: Option<Arc<dyn ClusterCrypt>>,
     /// External data file (guest data lives there at host offset = guest offset).
@@ -148,6 +156,7 @@ impl Qcow2 {
             geo,
             read_only: opts.read_only,
             meta: RwLock::new(meta),
+            inflight: RwLock::new(()),
             backing,
             crypt,
             data,
@@ -206,6 +215,16 @@ impl Qcow2 {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A request's hold on the in-flight gate. Never taken twice by one thread, and nothing
+    /// that holds it may reach [`Qcow2::apply_frees`].
+    fn gate_r(&self) -> RwLockReadGuard<'_, ()> {
+        self.inflight.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn gate_w(&self) -> RwLockWriteGuard<'_, ()> {
+        self.inflight.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.geo.size => Ok(()),
@@ -242,6 +261,7 @@ impl Qcow2 {
     pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, len)?;
+        let _gate = self.gate_r();
         let end = offset + len;
         let cs = self.geo.cluster_size;
         let mut cur = IovMut::new(bufs);
@@ -425,6 +445,7 @@ impl Qcow2 {
             return Ok(());
         }
         {
+            let _gate = self.gate_r();
             let m = self.meta_r();
             if m.written {
                 if let Some(runs) = self.in_place_runs(&m, offset, len)? {
@@ -437,7 +458,21 @@ impl Qcow2 {
                 }
             }
         }
-        self.write_slow(offset, bufs)
+        {
+            let _gate = self.gate_r();
+            self.write_slow(offset, bufs)?;
+        }
+        self.free_if_many()
+    }
+
+    /// Applies the pending frees once there are too many (outside any request's gate).
+    fn free_if_many(&self) -> Result<()> {
+        if self.meta_r().pending_frees.len() <= MAX_PENDING_FREES {
+            return Ok(());
+        }
+        let gate = self.gate_w();
+        let mut m = self.meta_w();
+        self.apply_frees(&gate, &mut m)
     }
 
     /// If every cluster of the range is allocated with refcount 1, the host runs to write.
@@ -602,7 +637,7 @@ impl Qcow2 {
     }
 
     /// The barrier, then the pointer writes (L2 entries before L1 entries).
-    fn commit(&self, m: &mut Meta, pw: PtrWrites) -> Result<()> {
+    fn commit(&self, _m: &mut Meta, pw: PtrWrites) -> Result<()> {
         if pw.l2.is_empty() && pw.l1.is_empty() {
             return Ok(());
         }
@@ -626,13 +661,12 @@ impl Qcow2 {
                 self.storage.write_at(&run, run_start)?;
             }
         }
-        if m.pending_frees.len() > MAX_PENDING_FREES {
-            self.apply_frees(m)?;
-        }
         Ok(())
     }
 
-    fn apply_frees(&self, m: &mut Meta) -> Result<()> {
+    /// Drops the references queued since the last barrier. `_gate` (the in-flight gate held for
+    /// writing) proves that no request still uses a mapping that pointed at these clusters.
+    fn apply_frees(&self, _gate: &RwLockWriteGuard<'_, ()>, m: &mut Meta) -> Result<()> {
         if m.pending_frees.is_empty() {
             return Ok(());
         }
@@ -860,9 +894,10 @@ impl Qcow2 {
         }
         // Return the unused reserve (so that a flushed image has no leaks, even if the process
         // then exits without closing it) and release clusters dropped since the last flush.
+        let gate = self.gate_w();
         let mut m = self.meta_w();
         self.release_pool(&mut m)?;
-        self.apply_frees(&mut m)?;
+        self.apply_frees(&gate, &mut m)?;
         self.storage.sync()?;
         Ok(())
     }
@@ -973,6 +1008,8 @@ impl Qcow2 {
             }
         }
         self.commit(m, pw)?;
+        drop(guard);
+        self.free_if_many()?;
         Ok(true)
     }
 

@@ -26,6 +26,8 @@ pub mod metadata;
 pub mod types;
 
 #[cfg(test)]
+mod harden_tests;
+#[cfg(test)]
 mod tests;
 
 pub use engine::{Qcow2, Qcow2Options};
