@@ -9,10 +9,17 @@
 //! end of its data I/O; dropping refcounts to 0 (flush, or too many pending frees) takes it for
 //! writing, so a freed cluster is never reused or punched under a request that still maps it.
 //!
-//! Crash ordering of an allocating write: refcount increments, new L2 tables and the data are
-//! written first; then one fdatasync; then the L2 entries and last the L1 entries. References
-//! dropped by COW, discard or write-zeroes are decremented only after the next barrier (flush).
-//! A crash at any point therefore leaves at worst leaked clusters.
+//! Crash ordering of an allocating write: data clusters come from a reserve pool whose refcount
+//! increments are made durable (fdatasync) when the pool is refilled. The request writes its data
+//! and any new L2 table (with its refcount) first; then one fdatasync if it allocated an L2 table
+//! or placed pre-existing content in a new cluster (copy-on-write: the unwritten rest of a partial
+//! write, filled from the old cluster, a compressed or shared/snapshot cluster or the backing
+//! file); then the L2 entries and last the L1 entries. A write covering whole new clusters with no
+//! old content is not synced before its L2 entry: until the next flush a crash may leave that
+//! (not yet flushed) range reading as the new cluster's previous content (zeroes, as freed
+//! clusters are punched). References dropped by COW, discard or write-zeroes are decremented only
+//! after the next barrier (flush). A crash at any point therefore leaves at worst leaked clusters,
+//! and never loses data that was in the cluster before the write.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -773,6 +780,16 @@ impl Qcow2 {
                     new_bitmap = self.fill_subclusters(entry, bitmap, gc_off, inc, n, &mut buf)?;
                 } else if n < cs {
                     self.content(cmap, gc_off, &mut buf)?;
+                }
+                // Copy-on-write: the new cluster carries old content that must be durable before
+                // an L2 entry points at it.
+                let old_content = match cmap {
+                    Mapping::Zero { .. } => false,
+                    Mapping::Unallocated => self.backing.is_some(),
+                    Mapping::Data { .. } | Mapping::Compressed { .. } => true,
+                };
+                if old_content && n < cs {
+                    pw.need_sync = true;
                 }
                 let i = to_usize(inc)?;
                 copy_from(&src, &mut buf[i..i + to_usize(n)?]);

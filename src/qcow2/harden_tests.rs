@@ -133,3 +133,66 @@ fn read_racing_discard_and_flush_never_sees_reused_cluster() {
         &b[..16]
     );
 }
+
+/// A backing file whose every byte is 0x55.
+struct Fives(u64);
+
+impl BackingRead for Fives {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn read(&self, _offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
+        for b in bufs.iter_mut() {
+            b.fill(0x55);
+        }
+        Ok(())
+    }
+}
+
+/// A partial write into a cluster of the backing file copies the rest of the cluster into a new
+/// one: that data is synced before the L2 entry pointing at it is written.
+#[test]
+fn cow_data_is_synced_before_its_l2_entry() {
+    let p = Probe::new();
+    create_on(
+        Box::new(p.clone()),
+        &CreateOptions {
+            size: 16 << 20,
+            backing_file: Some("base.raw".into()),
+            ..CreateOptions::default()
+        },
+    )
+    .expect("create");
+    let q = Qcow2::open(
+        Box::new(p.clone()),
+        &Qcow2Options::default(),
+        Some(Box::new(Fives(16 << 20))),
+        None,
+    )
+    .expect("open");
+    // Allocates the L2 table and the reserve pool.
+    q.write(65536, &[IoSlice::new(&[1u8; 65536])])
+        .expect("write");
+    q.flush().expect("flush");
+    p.log.lock().expect("log").clear();
+    q.write(512, &[IoSlice::new(&[2u8; 512])]).expect("write");
+    let Mapping::Data { host, .. } = q.mapping(0).expect("mapping") else {
+        panic!("cluster 0 not allocated");
+    };
+    let log = p.log.lock().expect("log").clone();
+    let i = log
+        .iter()
+        .position(|&o| o == Op::Write(host, 65536))
+        .expect("data write of the new cluster");
+    let next = log[i + 1..]
+        .iter()
+        .find(|o| matches!(o, Op::Sync | Op::Write(..)));
+    assert_eq!(
+        next,
+        Some(&Op::Sync),
+        "no sync between COW data and L2 entry: {log:?}"
+    );
+    let mut b = vec![0u8; 2048];
+    q.read(0, &mut [IoSliceMut::new(&mut b)]).expect("read");
+    assert!(b[..512].iter().all(|&x| x == 0x55) && b[512..1024].iter().all(|&x| x == 2));
+}
