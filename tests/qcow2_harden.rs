@@ -172,3 +172,45 @@ fn dirty_image_refcount_overflow_is_an_error() {
     assert!(matches!(qerr(&e), QErr::RefcountOverflow { .. }), "{e:?}");
     assert_eq!(hash(&img), before, "refused rebuild changed the file");
 }
+
+/// A refcount-table entry or an L1 entry far past the end of the file: a read-write open
+/// refuses it (the first allocation would write at ~2^50), the file untouched.
+#[test]
+fn table_offsets_past_eof_are_refused_read_write() {
+    type Mutate = fn(&mut Vec<u8>);
+    let cases: [(&str, Mutate); 2] = [
+        ("refcount block", |b| {
+            let rt = usize::try_from(get64(b, 48)).expect("rt");
+            put64(b, rt, 1 << 50);
+        }),
+        ("L2 table", |b| {
+            let l1 = usize::try_from(get64(b, 40)).expect("l1");
+            put64(b, l1, (1 << 50) | (1 << 63));
+        }),
+    ];
+    for (name, f) in cases {
+        let dir = tempfile::tempdir().expect("tmp");
+        let img = dir.path().join("a.qcow2");
+        run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+        run("qemu-io", &["-c", "write -P 0x61 0 128k", p(&img)]);
+        let mut b = std::fs::read(&img).expect("read");
+        f(&mut b);
+        std::fs::write(&img, &b).expect("write");
+        let before = hash(&img);
+        match open_rw(&img) {
+            Err(e) => assert!(
+                matches!(qerr(&e), QErr::BadTable { what, .. } if *what == name),
+                "{name}: {e:?}"
+            ),
+            Ok(i) => {
+                let _ = i.write(1 << 20, &[std::io::IoSlice::new(&[1u8; 4096])]);
+                drop(i);
+                panic!(
+                    "{name} past EOF accepted; file is now {} bytes",
+                    std::fs::metadata(&img).expect("stat").len()
+                );
+            }
+        }
+        assert_eq!(hash(&img), before, "{name}: refused open changed the file");
+    }
+}

@@ -148,6 +148,10 @@ impl Qcow2 {
             header.refcount_table_clusters,
             opts.read_only,
         )?;
+        if !opts.read_only {
+            let len = storage.len()?;
+            super::bounds::check_table_offsets(len, geo.cluster_size, &l1, rc.table())?;
+        }
         let cap = to_usize((opts.l2_cache_bytes / geo.cluster_size).max(16))?;
         let meta = Meta {
             l1,

@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::storage::{Storage, StorageError};
 
 pub mod alloc;
+mod bounds;
 pub mod check;
 pub mod compressed;
 pub mod create;
