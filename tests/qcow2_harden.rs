@@ -214,3 +214,51 @@ fn table_offsets_past_eof_are_refused_read_write() {
         assert_eq!(hash(&img), before, "{name}: refused open changed the file");
     }
 }
+
+/// A malformed L2 entry (COPIED) pointing at the refcount table / L1 table / header: the guest
+/// write is refused, the image turns read-only, and the metadata is not overwritten.
+#[test]
+fn data_write_over_metadata_is_refused_and_image_turns_read_only() {
+    type Target = fn(&[u8]) -> u64;
+    let targets: [(&str, Target); 4] = [
+        ("refcount table", |b| get64(b, 48)),
+        ("L1 table", |b| get64(b, 40)),
+        ("refcount block", |b| {
+            get64(b, usize::try_from(get64(b, 48)).expect("rt")) & !0x1ff
+        }),
+        ("L2 table", |b| first_l2_entry(b) as u64),
+    ];
+    for (name, target) in targets {
+        let dir = tempfile::tempdir().expect("tmp");
+        let img = dir.path().join("a.qcow2");
+        run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+        run("qemu-io", &["-c", "write -P 0x61 0 128k", p(&img)]);
+        let mut b = std::fs::read(&img).expect("read");
+        let meta = target(&b);
+        let e = first_l2_entry(&b);
+        // Guest cluster 1 (cluster 0 stays valid for the fast path).
+        put64(&mut b, e + 8, meta | (1 << 63));
+        std::fs::write(&img, &b).expect("write");
+        // The first write of an open goes through the slow path, later ones the fast path.
+        for fast in [false, true] {
+            let i = open_rw(&img).expect("open");
+            let buf = [0xeeu8; 4096];
+            if fast {
+                assert!(i.write(0, &[std::io::IoSlice::new(&buf)]).is_ok());
+            }
+            let r = i.write(65536, &[std::io::IoSlice::new(&buf)]);
+            assert!(
+                r.is_err(),
+                "{name} (fast {fast}): write over metadata accepted"
+            );
+            assert!(
+                i.read_only(),
+                "{name}: image not read-only after the overlap"
+            );
+            assert!(i.write(1 << 20, &[std::io::IoSlice::new(&buf)]).is_err());
+        }
+        let after = std::fs::read(&img).expect("read");
+        let m = usize::try_from(meta).expect("offset");
+        assert_eq!(&after[m..m + 4096], &b[m..m + 4096], "{name} overwritten");
+    }
+}

@@ -24,6 +24,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc::Refcounts;
@@ -63,6 +64,10 @@ pub struct Qcow2 {
     /// refcounts drop to 0 so that clusters are punched or reused) holds it for writing, so it
     /// waits for the requests that may still use the old mappings. Taken before `meta`.
     inflight: RwLock<()>,
+    /// Metadata host ranges found at open: in-place data writes must not touch them.
+    overlap: super::bounds::MetaRanges,
+    /// Set when a data write would have overwritten metadata: the image is read-only from then.
+    corrupt: AtomicBool,
     backing: Option<Box<dyn BackingRead>>,
     crypt: Option<Arc<dyn ClusterCrypt>>,
     /// External data file (guest data lives there at host offset = guest offset).
@@ -168,6 +173,8 @@ impl Qcow2 {
             read_only: opts.read_only,
             meta: RwLock::new(meta),
             inflight: RwLock::new(()),
+            overlap: super::bounds::MetaRanges::default(),
+            corrupt: AtomicBool::new(false),
             backing,
             crypt,
             data,
@@ -189,6 +196,18 @@ impl Qcow2 {
             )?;
             img.meta_w().rc = rc;
         }
+        if !img.read_only && img.data.is_none() {
+            let m = img.meta_r();
+            let r = super::bounds::MetaRanges::build(
+                &img.header,
+                img.geo.cluster_size,
+                &m.l1,
+                m.rc.table(),
+                m.rc.table_location(),
+            );
+            drop(m);
+            img.overlap = r;
+        }
         Ok(img)
     }
 
@@ -207,9 +226,9 @@ impl Qcow2 {
         self.geo.cluster_size
     }
 
-    /// Whether writes are refused.
+    /// Whether writes are refused (opened read-only, or found corrupt by a write).
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only || self.corrupt.load(Ordering::Relaxed)
     }
 
     /// The underlying storage.
@@ -447,7 +466,7 @@ impl Qcow2 {
 
     /// Writes `bufs` in turn at guest `offset`. The buffers are never modified.
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly);
         }
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
@@ -460,6 +479,9 @@ impl Qcow2 {
             let m = self.meta_r();
             if m.written {
                 if let Some(runs) = self.in_place_runs(&m, offset, len)? {
+                    for &(host, _, n) in &runs {
+                        self.check_overlap(&m, host, n)?;
+                    }
                     let mut cur = IovRef::new(bufs);
                     for (host, guest, n) in runs {
                         let s = cur.take(to_usize(n)?);
@@ -515,6 +537,36 @@ impl Qcow2 {
             pos += n;
         }
         Ok(Some(runs))
+    }
+
+    /// Refuses an in-place data write over metadata (a malformed L2 entry with COPIED set pointing
+    /// at the header, L1, refcount structures, an L2 table or the LUKS header), and marks the
+    /// image corrupt: read-only from then on.
+    fn check_overlap(&self, m: &Meta, host: u64, len: u64) -> Result<()> {
+        if self.data.is_some() || !self.overlap.overlaps(host, len) {
+            return Ok(());
+        }
+        // Metadata at open may have been freed and reused for data since: confirm with the
+        // current tables (rare path).
+        let now = super::bounds::MetaRanges::build(
+            &self.header,
+            self.geo.cluster_size,
+            &m.l1,
+            m.rc.table(),
+            m.rc.table_location(),
+        );
+        if !now.overlaps(host, len) {
+            return Ok(());
+        }
+        self.corrupt.store(true, Ordering::Relaxed);
+        log::error!(
+            "a data write to host {host:#x}+{len} would overwrite image metadata: \
+             the image is corrupt, now read-only"
+        );
+        Err(Error::BadOffset {
+            what: "data cluster overlapping metadata",
+            offset: host,
+        })
     }
 
     /// Writes guest data to a host range, encrypting into a bounce buffer when needed.
@@ -756,6 +808,7 @@ impl Qcow2 {
             let l1_copied = m.l1.get(l1i).is_some_and(|e| e & COPIED != 0);
             let src = cur.take(to_usize(n)?);
             if let (Mapping::Data { host, copied: true }, true) = (cmap, l1_copied) {
+                self.check_overlap(m, host, cs)?;
                 if self.geo.extended {
                     let l2 = m.l2_offset(l1i, &self.geo)?;
                     let nb = self.write_subclusters_in_place(host, entry, bitmap, pos, &src)?;
@@ -927,7 +980,7 @@ impl Qcow2 {
 
     /// Discards whole clusters inside the range (partial clusters are left alone, as QEMU does).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, len)?;
@@ -944,7 +997,7 @@ impl Qcow2 {
 
     /// Makes the range read as zeroes: whole clusters by metadata, partial ones by writing zeroes.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, len)?;
