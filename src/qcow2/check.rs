@@ -3,6 +3,8 @@
 //! snapshots), snapshot table, refcount structures, encryption header and bitmaps is counted and
 //! compared with the stored refcounts. More stored than referenced is a leak; less is a corruption.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::alloc::{Refcounts, RT_OFFSET_MASK};
@@ -36,10 +38,17 @@ pub struct CheckResult {
     pub corruptions_fixed: u64,
 }
 
+/// Most distinct clusters a check or rebuild counts references of (sparse map in memory).
+pub const MAX_COUNTED_CLUSTERS: usize = 1 << 26;
+
+/// Computed reference counts of the clusters that are referenced (sparse: a huge sparse file
+/// costs nothing).
 struct Refs {
-    counts: Vec<u32>,
+    counts: BTreeMap<u64, u32>,
     cluster_bits: u32,
     file_len: u64,
+    /// More than [`MAX_COUNTED_CLUSTERS`] distinct clusters were referenced.
+    too_many: bool,
 }
 
 impl Refs {
@@ -59,12 +68,12 @@ impl Refs {
             return;
         }
         for c in first..=last {
-            // Bounded by the file length checked above.
-            let i = usize::try_from(c).unwrap_or(usize::MAX);
-            if i >= self.counts.len() {
-                self.counts.resize(i + 1, 0);
+            if self.counts.len() >= MAX_COUNTED_CLUSTERS && !self.counts.contains_key(&c) {
+                self.too_many = true;
+                return;
             }
-            self.counts[i] = self.counts[i].saturating_add(1);
+            let v = self.counts.entry(c).or_insert(0);
+            *v = v.saturating_add(1);
         }
     }
 }
@@ -241,11 +250,11 @@ impl Walker<'_> {
     /// blocks (for a rebuild that replaces them).
     fn count(&self, res: &mut CheckResult, refcount_structs: bool) -> Result<Refs> {
         let cs = self.geo.cluster_size;
-        let file_clusters = self.file_len.div_ceil(cs);
         let mut refs = Refs {
-            counts: vec![0; usize::try_from(file_clusters).map_err(|_| Error::TooLarge)?],
+            counts: BTreeMap::new(),
             cluster_bits: self.geo.cluster_bits,
             file_len: self.file_len,
+            too_many: false,
         };
         refs.add(res, 0, cs);
         self.walk_l1(&mut refs, res, self.h.l1_table_offset, self.h.l1_size, true)?;
@@ -273,6 +282,12 @@ impl Walker<'_> {
                 }
                 refs.add(res, off, cs);
             }
+        }
+        if refs.too_many {
+            log::error!(
+                "more than {MAX_COUNTED_CLUSTERS} clusters are referenced: too many to count"
+            );
+            return Err(Error::TooLarge);
         }
         Ok(refs)
     }
@@ -336,17 +351,27 @@ fn check_once(
     let mut highest = 0u64;
     let mut needs_rebuild = false;
     let mut leaked = Vec::new();
-    for (i, &computed) in refs.counts.iter().enumerate() {
-        let c = i as u64;
+    // Every cluster that has a refcount block (within the file), then every referenced cluster
+    // that has none: never a walk over every cluster of a sparse file.
+    let file_clusters = file_len.div_ceil(geo.cluster_size);
+    let epb = rc.entries_per_block();
+    let table = rc.table().to_vec();
+    let block_present = |c: u64| {
+        usize::try_from(c / epb)
+            .ok()
+            .and_then(|b| table.get(b))
+            .is_some_and(|&e| e & RT_OFFSET_MASK != 0)
+    };
+    let mut visit = |c: u64, computed: u32| {
         let stored = match rc.get(st, c) {
             Ok(v) => v,
             Err(_) => {
                 res.check_errors += 1;
-                continue;
+                return;
             }
         };
         if stored > 0 || computed > 0 {
-            highest = c;
+            highest = highest.max(c);
         }
         let computed = u64::from(computed);
         if stored > computed {
@@ -361,6 +386,20 @@ fn check_once(
             } else {
                 res.corruptions += 1;
             }
+        }
+    };
+    for (b, &e) in (0u64..).zip(&table) {
+        if e & RT_OFFSET_MASK == 0 {
+            continue;
+        }
+        let start = b.saturating_mul(epb);
+        for c in start..start.saturating_add(epb).min(file_clusters) {
+            visit(c, refs.counts.get(&c).copied().unwrap_or(0));
+        }
+    }
+    for (&c, &v) in &refs.counts {
+        if !block_present(c) || c >= file_clusters {
+            visit(c, v);
         }
     }
     res.image_end_offset = (highest + 1) * geo.cluster_size;
@@ -480,17 +519,35 @@ pub fn rebuild_refcounts(st: &dyn Storage, h: &Header) -> Result<()> {
     };
     let mut res = CheckResult::default();
     let refs = w.count(&mut res, false)?;
+    if res.corruptions > 0 {
+        // Rewriting refcounts over corrupt metadata would hand referenced clusters out again.
+        log::error!(
+            "refcount rebuild refused: {} corruptions found; run check",
+            res.corruptions
+        );
+        return Err(Error::Corrupt);
+    }
     let mut counts = refs.counts;
+    let max = if h.refcount_order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << h.refcount_order)) - 1
+    };
+    if let Some((&c, _)) = counts.iter().find(|(_, &v)| u64::from(v) > max) {
+        return Err(Error::RefcountOverflow {
+            offset: c << geo.cluster_bits,
+        });
+    }
     let epb_bits = geo.cluster_bits + 3 - h.refcount_order;
-    let first = (file_len.div_ceil(cs)).max(counts.len() as u64);
+    let after_refs = counts.keys().next_back().map_or(0, |&c| c + 1);
+    let first = (file_len.div_ceil(cs)).max(after_refs);
     // Fixed point: blocks covering all references plus themselves and the table.
     let mut nb = 0u64;
     let mut tc = 1u64;
     let blocks_of_data: std::collections::BTreeSet<u64> = counts
         .iter()
-        .enumerate()
         .filter(|(_, &v)| v > 0)
-        .map(|(i, _)| (i as u64) >> epb_bits)
+        .map(|(&c, _)| c >> epb_bits)
         .collect();
     let (blocks, table_entries) = loop {
         let end = first + nb + tc;
@@ -501,6 +558,9 @@ pub fn rebuild_refcounts(st: &dyn Storage, h: &Header) -> Result<()> {
         let max_b = blocks.iter().next_back().copied().unwrap_or(0);
         let entries = max_b + 1;
         let ntc = (entries * 8).div_ceil(cs);
+        if ntc * cs > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::TooLarge);
+        }
         let nnb = blocks.len() as u64;
         if nnb == nb && ntc == tc {
             break (blocks, entries);
@@ -512,29 +572,21 @@ pub fn rebuild_refcounts(st: &dyn Storage, h: &Header) -> Result<()> {
         return Err(Error::TooLarge);
     }
     let end = first + nb + tc;
-    counts.resize(usize::try_from(end).map_err(|_| Error::TooLarge)?, 0);
     for c in first..end {
-        counts[usize::try_from(c).map_err(|_| Error::TooLarge)?] = 1;
+        counts.insert(c, 1);
     }
-    let max = if h.refcount_order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1u32 << h.refcount_order)) - 1
-    };
     let mut table = vec![0u64; usize::try_from(tc * cs / 8).map_err(|_| Error::TooLarge)?];
     let epb = 1u64 << epb_bits;
     for (k, &b) in blocks.iter().enumerate() {
         let off = (first + k as u64) * cs;
         let mut blk = vec![0u8; geo.cluster_usize()];
-        for j in 0..epb {
-            let c = usize::try_from(b * epb + j).map_err(|_| Error::TooLarge)?;
-            let v = counts.get(c).copied().map_or(0, u64::from);
+        for (&c, &v) in counts.range(b * epb..(b + 1) * epb) {
             if v > 0 {
                 Refcounts::set_entry(
                     h.refcount_order,
                     &mut blk,
-                    usize::try_from(j).map_err(|_| Error::TooLarge)?,
-                    v.min(max),
+                    usize::try_from(c - b * epb).map_err(|_| Error::TooLarge)?,
+                    u64::from(v),
                 );
             }
         }

@@ -47,9 +47,17 @@ fn inflate(input: &[u8], out: &mut [u8], at: u64) -> Result<(), Error> {
     }
 }
 
+/// Smallest window a zstd frame can declare (1 KiB).
+const MIN_ZSTD_WINDOW: u64 = 1 << 10;
+
 fn unzstd(input: &[u8], out: &mut [u8], at: u64) -> Result<(), Error> {
     use std::io::Read;
-    let mut dec = ruzstd::decoding::StreamingDecoder::new(input)
+    // The decoder reserves the window the frame declares (up to 128 MiB): a cluster never needs
+    // more than its own size (QEMU's frames are single-segment, window = content size).
+    let max_window = u64::try_from(out.len())
+        .map_err(|_| Error::TooLarge)?
+        .max(MIN_ZSTD_WINDOW);
+    let mut dec = ruzstd::decoding::StreamingDecoder::new_with_max_window_size(input, max_window)
         .map_err(|_| Error::Compressed { offset: at })?;
     let mut outp = 0;
     while outp < out.len() {
@@ -94,6 +102,29 @@ mod tests {
         let mut out = vec![1u8; 65536];
         decompress(0, &z, &mut out, 0).expect("inflate");
         assert!(out.iter().all(|&b| b == 0));
+    }
+
+    /// A zstd frame header (magic, descriptor without single-segment flag, window descriptor)
+    /// declaring a window of `1 << log` bytes, then one raw last block of `data`.
+    fn zstd_frame(log: u8, data: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, (log - 10) << 3];
+        let hdr = (u32::try_from(data.len()).expect("len") << 3) | 1; // raw block, last
+        f.extend_from_slice(&hdr.to_le_bytes()[..3]);
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[test]
+    fn zstd_window_is_bounded_by_the_cluster() {
+        let data = vec![7u8; 4096];
+        let mut out = vec![0u8; 4096];
+        decompress(1, &zstd_frame(12, &data), &mut out, 0).expect("window = cluster");
+        assert_eq!(out, data);
+        // 128 MiB window for a 4 KiB cluster: refused before anything is reserved.
+        assert!(matches!(
+            decompress(1, &zstd_frame(27, &data), &mut out, 9),
+            Err(Error::Compressed { offset: 9 })
+        ));
     }
 
     #[test]

@@ -5,15 +5,26 @@
 //! Overwrites of clusters that are already allocated with refcount 1 hold the read lock across
 //! the data write (so a concurrent discard cannot free the cluster underneath). Everything that
 //! changes metadata (allocation, copy-on-write, L2 loads, discard) takes the write lock.
+//! Every read and write request also holds the in-flight gate for reading from its lookup to the
+//! end of its data I/O; dropping refcounts to 0 (flush, or too many pending frees) takes it for
+//! writing, so a freed cluster is never reused or punched under a request that still maps it.
 //!
-//! Crash ordering of an allocating write: refcount increments, new L2 tables and the data are
-//! written first; then one fdatasync; then the L2 entries and last the L1 entries. References
-//! dropped by COW, discard or write-zeroes are decremented only after the next barrier (flush).
-//! A crash at any point therefore leaves at worst leaked clusters.
+//! Crash ordering of an allocating write: data clusters come from a reserve pool whose refcount
+//! increments are made durable (fdatasync) when the pool is refilled. The request writes its data
+//! and any new L2 table (with its refcount) first; then one fdatasync if it allocated an L2 table
+//! or placed pre-existing content in a new cluster (copy-on-write: the unwritten rest of a partial
+//! write, filled from the old cluster, a compressed or shared/snapshot cluster or the backing
+//! file); then the L2 entries and last the L1 entries. A write covering whole new clusters with no
+//! old content is not synced before its L2 entry: until the next flush a crash may leave that
+//! (not yet flushed) range reading as the new cluster's previous content (zeroes, as freed
+//! clusters are punched). References dropped by COW, discard or write-zeroes are decremented only
+//! after the next barrier (flush). A crash at any point therefore leaves at worst leaked clusters,
+//! and never loses data that was in the cluster before the write.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc::Refcounts;
@@ -48,6 +59,15 @@ pub struct Qcow2 {
     geo: Geometry,
     read_only: bool,
     meta: RwLock<Meta>,
+    /// In-flight gate: every read and write request holds it for reading from its mapping
+    /// lookup to the end of its data I/O; [`Qcow2::apply_frees`] (the only place where
+    /// refcounts drop to 0 so that clusters are punched or reused) holds it for writing, so it
+    /// waits for the requests that may still use the old mappings. Taken before `meta`.
+    inflight: RwLock<()>,
+    /// Metadata host ranges found at open: in-place data writes must not touch them.
+    overlap: super::bounds::MetaRanges,
+    /// Set when a data write would have overwritten metadata: the image is read-only from then.
+    corrupt: AtomicBool,
     backing: Option<Box<dyn BackingRead>>,
     crypt: Option<Arc<dyn ClusterCrypt>>,
     /// External data file (guest data lives there at host offset = guest offset).
@@ -133,6 +153,10 @@ impl Qcow2 {
             header.refcount_table_clusters,
             opts.read_only,
         )?;
+        if !opts.read_only {
+            let len = storage.len()?;
+            super::bounds::check_table_offsets(len, geo.cluster_size, &l1, rc.table())?;
+        }
         let cap = to_usize((opts.l2_cache_bytes / geo.cluster_size).max(16))?;
         let meta = Meta {
             l1,
@@ -148,6 +172,9 @@ impl Qcow2 {
             geo,
             read_only: opts.read_only,
             meta: RwLock::new(meta),
+            inflight: RwLock::new(()),
+            overlap: super::bounds::MetaRanges::default(),
+            corrupt: AtomicBool::new(false),
             backing,
             crypt,
             data,
@@ -169,6 +196,18 @@ impl Qcow2 {
             )?;
             img.meta_w().rc = rc;
         }
+        if !img.read_only && img.data.is_none() {
+            let m = img.meta_r();
+            let r = super::bounds::MetaRanges::build(
+                &img.header,
+                img.geo.cluster_size,
+                &m.l1,
+                m.rc.table(),
+                m.rc.table_location(),
+            );
+            drop(m);
+            img.overlap = r;
+        }
         Ok(img)
     }
 
@@ -187,9 +226,9 @@ impl Qcow2 {
         self.geo.cluster_size
     }
 
-    /// Whether writes are refused.
+    /// Whether writes are refused (opened read-only, or found corrupt by a write).
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only || self.corrupt.load(Ordering::Relaxed)
     }
 
     /// The underlying storage.
@@ -204,6 +243,16 @@ impl Qcow2 {
 
     fn meta_w(&self) -> RwLockWriteGuard<'_, Meta> {
         self.meta.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A request's hold on the in-flight gate. Never taken twice by one thread, and nothing
+    /// that holds it may reach [`Qcow2::apply_frees`].
+    fn gate_r(&self) -> RwLockReadGuard<'_, ()> {
+        self.inflight.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn gate_w(&self) -> RwLockWriteGuard<'_, ()> {
+        self.inflight.write().unwrap_or_else(|e| e.into_inner())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -242,6 +291,7 @@ impl Qcow2 {
     pub fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_range(offset, len)?;
+        let _gate = self.gate_r();
         let end = offset + len;
         let cs = self.geo.cluster_size;
         let mut cur = IovMut::new(bufs);
@@ -416,7 +466,7 @@ impl Qcow2 {
 
     /// Writes `bufs` in turn at guest `offset`. The buffers are never modified.
     pub fn write(&self, offset: u64, bufs: &[IoSlice<'_>]) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly);
         }
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
@@ -425,9 +475,13 @@ impl Qcow2 {
             return Ok(());
         }
         {
+            let _gate = self.gate_r();
             let m = self.meta_r();
             if m.written {
                 if let Some(runs) = self.in_place_runs(&m, offset, len)? {
+                    for &(host, _, n) in &runs {
+                        self.check_overlap(&m, host, n)?;
+                    }
                     let mut cur = IovRef::new(bufs);
                     for (host, guest, n) in runs {
                         let s = cur.take(to_usize(n)?);
@@ -437,7 +491,21 @@ impl Qcow2 {
                 }
             }
         }
-        self.write_slow(offset, bufs)
+        {
+            let _gate = self.gate_r();
+            self.write_slow(offset, bufs)?;
+        }
+        self.free_if_many()
+    }
+
+    /// Applies the pending frees once there are too many (outside any request's gate).
+    fn free_if_many(&self) -> Result<()> {
+        if self.meta_r().pending_frees.len() <= MAX_PENDING_FREES {
+            return Ok(());
+        }
+        let gate = self.gate_w();
+        let mut m = self.meta_w();
+        self.apply_frees(&gate, &mut m)
     }
 
     /// If every cluster of the range is allocated with refcount 1, the host runs to write.
@@ -469,6 +537,36 @@ impl Qcow2 {
             pos += n;
         }
         Ok(Some(runs))
+    }
+
+    /// Refuses an in-place data write over metadata (a malformed L2 entry with COPIED set pointing
+    /// at the header, L1, refcount structures, an L2 table or the LUKS header), and marks the
+    /// image corrupt: read-only from then on.
+    fn check_overlap(&self, m: &Meta, host: u64, len: u64) -> Result<()> {
+        if self.data.is_some() || !self.overlap.overlaps(host, len) {
+            return Ok(());
+        }
+        // Metadata at open may have been freed and reused for data since: confirm with the
+        // current tables (rare path).
+        let now = super::bounds::MetaRanges::build(
+            &self.header,
+            self.geo.cluster_size,
+            &m.l1,
+            m.rc.table(),
+            m.rc.table_location(),
+        );
+        if !now.overlaps(host, len) {
+            return Ok(());
+        }
+        self.corrupt.store(true, Ordering::Relaxed);
+        log::error!(
+            "a data write to host {host:#x}+{len} would overwrite image metadata: \
+             the image is corrupt, now read-only"
+        );
+        Err(Error::BadOffset {
+            what: "data cluster overlapping metadata",
+            offset: host,
+        })
     }
 
     /// Writes guest data to a host range, encrypting into a bounce buffer when needed.
@@ -602,7 +700,7 @@ impl Qcow2 {
     }
 
     /// The barrier, then the pointer writes (L2 entries before L1 entries).
-    fn commit(&self, m: &mut Meta, pw: PtrWrites) -> Result<()> {
+    fn commit(&self, _m: &mut Meta, pw: PtrWrites) -> Result<()> {
         if pw.l2.is_empty() && pw.l1.is_empty() {
             return Ok(());
         }
@@ -626,13 +724,12 @@ impl Qcow2 {
                 self.storage.write_at(&run, run_start)?;
             }
         }
-        if m.pending_frees.len() > MAX_PENDING_FREES {
-            self.apply_frees(m)?;
-        }
         Ok(())
     }
 
-    fn apply_frees(&self, m: &mut Meta) -> Result<()> {
+    /// Drops the references queued since the last barrier. `_gate` (the in-flight gate held for
+    /// writing) proves that no request still uses a mapping that pointed at these clusters.
+    fn apply_frees(&self, _gate: &RwLockWriteGuard<'_, ()>, m: &mut Meta) -> Result<()> {
         if m.pending_frees.is_empty() {
             return Ok(());
         }
@@ -711,6 +808,7 @@ impl Qcow2 {
             let l1_copied = m.l1.get(l1i).is_some_and(|e| e & COPIED != 0);
             let src = cur.take(to_usize(n)?);
             if let (Mapping::Data { host, copied: true }, true) = (cmap, l1_copied) {
+                self.check_overlap(m, host, cs)?;
                 if self.geo.extended {
                     let l2 = m.l2_offset(l1i, &self.geo)?;
                     let nb = self.write_subclusters_in_place(host, entry, bitmap, pos, &src)?;
@@ -739,6 +837,16 @@ impl Qcow2 {
                     new_bitmap = self.fill_subclusters(entry, bitmap, gc_off, inc, n, &mut buf)?;
                 } else if n < cs {
                     self.content(cmap, gc_off, &mut buf)?;
+                }
+                // Copy-on-write: the new cluster carries old content that must be durable before
+                // an L2 entry points at it.
+                let old_content = match cmap {
+                    Mapping::Zero { .. } => false,
+                    Mapping::Unallocated => self.backing.is_some(),
+                    Mapping::Data { .. } | Mapping::Compressed { .. } => true,
+                };
+                if old_content && n < cs {
+                    pw.need_sync = true;
                 }
                 let i = to_usize(inc)?;
                 copy_from(&src, &mut buf[i..i + to_usize(n)?]);
@@ -860,9 +968,10 @@ impl Qcow2 {
         }
         // Return the unused reserve (so that a flushed image has no leaks, even if the process
         // then exits without closing it) and release clusters dropped since the last flush.
+        let gate = self.gate_w();
         let mut m = self.meta_w();
         self.release_pool(&mut m)?;
-        self.apply_frees(&mut m)?;
+        self.apply_frees(&gate, &mut m)?;
         self.storage.sync()?;
         Ok(())
     }
@@ -871,7 +980,7 @@ impl Qcow2 {
 
     /// Discards whole clusters inside the range (partial clusters are left alone, as QEMU does).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, len)?;
@@ -888,7 +997,7 @@ impl Qcow2 {
 
     /// Makes the range read as zeroes: whole clusters by metadata, partial ones by writing zeroes.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
+        if self.read_only() {
             return Err(Error::ReadOnly);
         }
         self.check_range(offset, len)?;
@@ -973,6 +1082,8 @@ impl Qcow2 {
             }
         }
         self.commit(m, pw)?;
+        drop(guard);
+        self.free_if_many()?;
         Ok(true)
     }
 

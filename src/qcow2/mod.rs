@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::storage::{Storage, StorageError};
 
 pub mod alloc;
+mod bounds;
 pub mod check;
 pub mod compressed;
 pub mod create;
@@ -25,6 +26,8 @@ mod iov;
 pub mod metadata;
 pub mod types;
 
+#[cfg(test)]
+mod harden_tests;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,264 @@
+//! Hardening regressions: dirty-image refcount rebuilds and opens that must refuse cleanly
+//! (never abort, never rewrite the file) on huge sparse files or malformed metadata.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::io::IoSliceMut;
+use std::path::Path;
+use std::process::Command;
+
+use vhost_user_qcow2::image::{self, ImageError, OpenOptions};
+use vhost_user_qcow2::qcow2::check::check;
+use vhost_user_qcow2::qcow2::Error as QErr;
+use vhost_user_qcow2::storage::{FileStorage, OpenFlags};
+
+fn p(x: &Path) -> &str {
+    x.to_str().expect("utf-8 path")
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let o = Command::new(cmd).args(args).output().expect("spawn");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn hash(path: &Path) -> u64 {
+    let mut h = DefaultHasher::new();
+    std::fs::read(path).expect("read").hash(&mut h);
+    h.finish()
+}
+
+fn get64(b: &[u8], off: usize) -> u64 {
+    u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Offset of the first L2 entry of guest cluster 0.
+fn first_l2_entry(b: &[u8]) -> usize {
+    let l1 = usize::try_from(get64(b, 40)).expect("l1");
+    usize::try_from(get64(b, l1) & 0x00ff_ffff_ffff_fe00).expect("l2")
+}
+
+/// A qcow2 image with lazy refcounts and `0x61` in its first 128 KiB, left dirty.
+fn dirty_image(dir: &Path, opts: &str) -> std::path::PathBuf {
+    let img = dir.join("a.qcow2");
+    let o = format!("lazy_refcounts=on,{opts}");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &o, p(&img), "64M"],
+    );
+    run("qemu-io", &["-c", "write -P 0x61 0 128k", p(&img)]);
+    set_dirty(&img, |_| {});
+    img
+}
+
+/// Applies `f` to the file's bytes and sets the dirty bit (incompatible bit 0).
+fn set_dirty(img: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut b = std::fs::read(img).expect("read");
+    f(&mut b);
+    let inc = get64(&b, 72) | 1;
+    put64(&mut b, 72, inc);
+    std::fs::write(img, &b).expect("write");
+}
+
+fn open_rw(img: &Path) -> Result<Box<dyn image::BlockImage>, ImageError> {
+    image::open(img, &OpenOptions::default())
+}
+
+fn qerr(e: &ImageError) -> &QErr {
+    match e {
+        ImageError::Qcow2(q) => q,
+        other => panic!("not a qcow2 error: {other:?}"),
+    }
+}
+
+fn file_storage(img: &Path, read_only: bool) -> FileStorage {
+    FileStorage::open(
+        img,
+        OpenFlags {
+            read_only,
+            direct: false,
+        },
+    )
+    .expect("open")
+}
+
+/// 8 TiB sparse file, 512-byte clusters: counting per file cluster would allocate 64 GiB.
+/// Opening refuses with TooLarge (the refcount table the rebuild needs exceeds the cap), and
+/// `check` counts without aborting.
+#[test]
+fn dirty_sparse_8t_image_with_small_clusters_is_refused_not_aborted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dirty_image(dir.path(), "cluster_size=512");
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .expect("open")
+        .set_len(8 << 40)
+        .expect("truncate");
+    let before = hash_head(&img);
+    let r = check(&file_storage(&img, true), None).expect("check");
+    assert_eq!(r.corruptions, 0, "{r:?}");
+    match open_rw(&img) {
+        Err(e) => assert!(matches!(qerr(&e), QErr::TooLarge), "{e:?}"),
+        Ok(_) => panic!("rebuild of an 8 TiB file with 512-byte clusters accepted"),
+    }
+    assert_eq!(hash_head(&img), before, "refused open changed the file");
+}
+
+/// Same with 64 KiB clusters: the rebuild succeeds and the image checks clean.
+#[test]
+fn dirty_sparse_8t_image_is_rebuilt_and_checks_clean() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dirty_image(dir.path(), "cluster_size=65536");
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .expect("open")
+        .set_len(8 << 40)
+        .expect("truncate");
+    {
+        let i = open_rw(&img).expect("open dirty 8T image");
+        let mut b = vec![0u8; 131072];
+        i.read(0, &mut [IoSliceMut::new(&mut b)]).expect("read");
+        assert!(b.iter().all(|&x| x == 0x61));
+    }
+    let r = check(&file_storage(&img, true), None).expect("check");
+    assert_eq!((r.corruptions, r.check_errors), (0, 0), "{r:?}");
+}
+
+/// Hash of the first 1 MiB (the part of a sparse 8 TiB file that has data).
+fn hash_head(path: &Path) -> u64 {
+    use std::io::Read;
+    let mut b = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::open(path).expect("open");
+    let n = f.read(&mut b).expect("read");
+    let mut h = DefaultHasher::new();
+    b[..n].hash(&mut h);
+    h.finish()
+}
+
+/// An L2 entry past the end of the file is a corruption: the rebuild refuses, file untouched.
+#[test]
+fn dirty_image_with_corruption_is_not_rebuilt() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dirty_image(dir.path(), "cluster_size=65536");
+    set_dirty(&img, |b| {
+        let e = first_l2_entry(b);
+        put64(b, e, (1u64 << 40) | (1 << 63));
+    });
+    let before = hash(&img);
+    let e = open_rw(&img)
+        .err()
+        .expect("dirty corrupt image opened read-write");
+    assert!(matches!(qerr(&e), QErr::Corrupt), "{e:?}");
+    assert_eq!(hash(&img), before, "refused rebuild changed the file");
+}
+
+/// 1-bit refcounts and two L2 entries sharing a cluster: the count 2 does not fit.
+#[test]
+fn dirty_image_refcount_overflow_is_an_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dirty_image(dir.path(), "cluster_size=65536,refcount_bits=1");
+    set_dirty(&img, |b| {
+        let e = first_l2_entry(b);
+        let v = get64(b, e);
+        put64(b, e + 8, v);
+    });
+    let before = hash(&img);
+    let e = open_rw(&img).err().expect("overflowing refcount accepted");
+    assert!(matches!(qerr(&e), QErr::RefcountOverflow { .. }), "{e:?}");
+    assert_eq!(hash(&img), before, "refused rebuild changed the file");
+}
+
+/// A refcount-table entry or an L1 entry far past the end of the file: a read-write open
+/// refuses it (the first allocation would write at ~2^50), the file untouched.
+#[test]
+fn table_offsets_past_eof_are_refused_read_write() {
+    type Mutate = fn(&mut Vec<u8>);
+    let cases: [(&str, Mutate); 2] = [
+        ("refcount block", |b| {
+            let rt = usize::try_from(get64(b, 48)).expect("rt");
+            put64(b, rt, 1 << 50);
+        }),
+        ("L2 table", |b| {
+            let l1 = usize::try_from(get64(b, 40)).expect("l1");
+            put64(b, l1, (1 << 50) | (1 << 63));
+        }),
+    ];
+    for (name, f) in cases {
+        let dir = tempfile::tempdir().expect("tmp");
+        let img = dir.path().join("a.qcow2");
+        run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+        run("qemu-io", &["-c", "write -P 0x61 0 128k", p(&img)]);
+        let mut b = std::fs::read(&img).expect("read");
+        f(&mut b);
+        std::fs::write(&img, &b).expect("write");
+        let before = hash(&img);
+        match open_rw(&img) {
+            Err(e) => assert!(
+                matches!(qerr(&e), QErr::BadTable { what, .. } if *what == name),
+                "{name}: {e:?}"
+            ),
+            Ok(i) => {
+                let _ = i.write(1 << 20, &[std::io::IoSlice::new(&[1u8; 4096])]);
+                drop(i);
+                panic!(
+                    "{name} past EOF accepted; file is now {} bytes",
+                    std::fs::metadata(&img).expect("stat").len()
+                );
+            }
+        }
+        assert_eq!(hash(&img), before, "{name}: refused open changed the file");
+    }
+}
+
+/// A malformed L2 entry (COPIED) pointing at the refcount table / L1 table / header: the guest
+/// write is refused, the image turns read-only, and the metadata is not overwritten.
+#[test]
+fn data_write_over_metadata_is_refused_and_image_turns_read_only() {
+    type Target = fn(&[u8]) -> u64;
+    let targets: [(&str, Target); 4] = [
+        ("refcount table", |b| get64(b, 48)),
+        ("L1 table", |b| get64(b, 40)),
+        ("refcount block", |b| {
+            get64(b, usize::try_from(get64(b, 48)).expect("rt")) & !0x1ff
+        }),
+        ("L2 table", |b| first_l2_entry(b) as u64),
+    ];
+    for (name, target) in targets {
+        let dir = tempfile::tempdir().expect("tmp");
+        let img = dir.path().join("a.qcow2");
+        run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "64M"]);
+        run("qemu-io", &["-c", "write -P 0x61 0 128k", p(&img)]);
+        let mut b = std::fs::read(&img).expect("read");
+        let meta = target(&b);
+        let e = first_l2_entry(&b);
+        // Guest cluster 1 (cluster 0 stays valid for the fast path).
+        put64(&mut b, e + 8, meta | (1 << 63));
+        std::fs::write(&img, &b).expect("write");
+        // The first write of an open goes through the slow path, later ones the fast path.
+        for fast in [false, true] {
+            let i = open_rw(&img).expect("open");
+            let buf = [0xeeu8; 4096];
+            if fast {
+                assert!(i.write(0, &[std::io::IoSlice::new(&buf)]).is_ok());
+            }
+            let r = i.write(65536, &[std::io::IoSlice::new(&buf)]);
+            assert!(
+                r.is_err(),
+                "{name} (fast {fast}): write over metadata accepted"
+            );
+            assert!(
+                i.read_only(),
+                "{name}: image not read-only after the overlap"
+            );
+            assert!(i.write(1 << 20, &[std::io::IoSlice::new(&buf)]).is_err());
+        }
+        let after = std::fs::read(&img).expect("read");
+        let m = usize::try_from(meta).expect("offset");
+        assert_eq!(&after[m..m + 4096], &b[m..m + 4096], "{name} overwritten");
+    }
+}
