@@ -6,9 +6,11 @@ use std::io::IoSlice;
 use std::path::Path;
 use std::process::Command;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use vhost_user_qcow2::image::{self, OpenOptions};
+
+#[path = "support/workload.rs"]
+mod workload;
+use workload::{workload, Op};
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     let out = Command::new(cmd).args(args).output().expect("spawn");
@@ -24,36 +26,6 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
 
 fn p(x: &Path) -> &str {
     x.to_str().expect("utf-8 path")
-}
-
-enum Op {
-    Write(u64, u64, u8),
-    Zero(u64, u64),
-    Discard(u64, u64),
-    Flush,
-}
-
-fn workload(seed: u64, size: u64, n: usize) -> Vec<Op> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut ops = Vec::new();
-    for _ in 0..n {
-        let sectors = size / 512;
-        let len_s: u64 = match rng.random_range(0..10) {
-            0..=5 => rng.random_range(1..=16),
-            6..=8 => rng.random_range(1..=512),
-            _ => rng.random_range(1..=4096),
-        };
-        let start = rng.random_range(0..sectors - len_s.min(sectors - 1));
-        let len_s = len_s.min(sectors - start);
-        let (off, len) = (start * 512, len_s * 512);
-        ops.push(match rng.random_range(0..20) {
-            0..=12 => Op::Write(off, len, rng.random_range(1..=255u8)),
-            13..=15 => Op::Zero(off, len),
-            16..=18 => Op::Discard(off, len),
-            _ => Op::Flush,
-        });
-    }
-    ops
 }
 
 fn differential(name: &str, create: &[&str], with_backing: bool, seed: u64) {
@@ -101,21 +73,18 @@ fn differential(name: &str, create: &[&str], with_backing: bool, seed: u64) {
                     &[IoSlice::new(&data[..cut]), IoSlice::new(&data[cut..])],
                 )
                 .expect("write");
-                cmds.push(format!("write -P {b} {off} {len}"));
             }
             Op::Zero(off, len) => {
                 img.write_zeroes(off, len, true).expect("zeroes");
-                cmds.push(format!("write -z -u {off} {len}"));
             }
             Op::Discard(off, len) => {
                 img.discard(off, len).expect("discard");
-                cmds.push(format!("discard {off} {len}"));
             }
             Op::Flush => {
                 img.flush().expect("flush");
-                cmds.push("flush".into());
             }
         }
+        cmds.push(op.qemu_io());
     }
     img.flush().expect("flush");
     drop(img);
