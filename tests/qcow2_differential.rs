@@ -3,65 +3,18 @@
 //! another; `qemu-img compare` must agree and `qemu-img check` must be clean on ours.
 
 use std::io::IoSlice;
-use std::path::Path;
-use std::process::Command;
 
 use vhost_user_qcow2::image::{self, OpenOptions};
 
 #[path = "support/workload.rs"]
 mod workload;
-use workload::{workload, Op};
-
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {:?} failed: {}{}",
-        &args[..args.len().min(6)],
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn p(x: &Path) -> &str {
-    x.to_str().expect("utf-8 path")
-}
+use workload::{prepare, replay_and_compare, workload, Op, SIZE};
 
 fn differential(name: &str, create: &[&str], with_backing: bool, seed: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let size = 32u64 << 20;
-    if with_backing {
-        let base = dir.path().join("base.qcow2");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", p(&base), "32M"],
-        );
-        run(
-            "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x3c 0 32M", p(&base)],
-        );
-    }
-    let ours = dir.path().join("ours.qcow2");
-    let theirs = dir.path().join("theirs.qcow2");
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    args.extend_from_slice(create);
-    if with_backing {
-        args.extend_from_slice(&["-b", "base.qcow2", "-F", "qcow2"]);
-    }
-    args.push(p(&ours));
-    args.push("32M");
-    run("qemu-img", &args);
-    // A little pre-existing content written by QEMU.
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x99 64k 1M", p(&ours)],
-    );
-    std::fs::copy(&ours, &theirs).expect("copy");
-
-    let ops = workload(seed, size, 300);
+    let (ours, theirs) = prepare(dir.path(), create, with_backing);
+    let ops = workload(seed, SIZE, 300);
     let img = image::open(&ours, &OpenOptions::default()).expect("open ours");
-    let mut cmds: Vec<String> = Vec::new();
     for op in &ops {
         match *op {
             Op::Write(off, len, b) => {
@@ -84,48 +37,15 @@ fn differential(name: &str, create: &[&str], with_backing: bool, seed: u64) {
                 img.flush().expect("flush");
             }
         }
-        cmds.push(op.qemu_io());
     }
     img.flush().expect("flush");
     drop(img);
-    let mut qargs: Vec<&str> = vec!["-f", "qcow2"];
-    for c in &cmds {
-        qargs.push("-c");
-        qargs.push(c);
-    }
-    qargs.push(p(&theirs));
-    run("qemu-io", &qargs);
     if std::env::var_os("VUQ_KEEP").is_some() {
+        let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
         std::fs::write(dir.path().join("cmds.txt"), cmds.join("\n")).expect("write cmds");
         eprintln!("kept {}", dir.keep().display());
     }
-
-    let out = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            p(&ours),
-            p(&theirs),
-        ])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{name} seed {seed}: qemu-img compare: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let chk = Command::new("qemu-img")
-        .args(["check", p(&ours)])
-        .output()
-        .expect("spawn");
-    assert!(
-        chk.status.success(),
-        "{name} seed {seed}: qemu-img check: {}",
-        String::from_utf8_lossy(&chk.stdout)
-    );
+    replay_and_compare(name, seed, &ops, &ours, &theirs);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 
 #[path = "support/workload.rs"]
 mod workload;
-use workload::{workload, Op};
+use workload::{prepare, replay_and_compare, workload, Op, SIZE};
 
 const MIB: usize = 1 << 20;
 
@@ -220,36 +220,10 @@ fn served_qcow2_images_round_trip_through_a_vhost_user_client() {
 /// vhost-user client: the same random writes / write-zeroes / discards / flushes go to our daemon
 /// on one copy and to qemu-io on another; `qemu-img compare` agrees and `qemu-img check` is clean
 /// (no leaks) on ours after the daemon's SIGTERM.
-fn differential_through_daemon(name: &str, opts: &str, with_backing: bool, seed: u64) {
+fn differential_through_daemon(name: &str, create: &[&str], with_backing: bool, seed: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let size = 32u64 << 20;
-    let ours = dir.path().join("ours.qcow2");
-    let theirs = dir.path().join("theirs.qcow2");
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend_from_slice(&["-o", opts]);
-    }
-    if with_backing {
-        let base = dir.path().join("base.qcow2");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", p(&base), "32M"],
-        );
-        run(
-            "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x3c 0 32M", p(&base)],
-        );
-        args.extend_from_slice(&["-b", "base.qcow2", "-F", "qcow2"]);
-    }
-    args.extend_from_slice(&[p(&ours), "32M"]);
-    run("qemu-img", &args);
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x99 64k 1M", p(&ours)],
-    );
-    std::fs::copy(&ours, &theirs).expect("copy");
-
-    let ops = workload(seed, size, 200);
+    let (ours, theirs) = prepare(dir.path(), create, with_backing);
+    let ops = workload(seed, SIZE, 200);
     let sock = dir.path().join("vhost.sock");
     let mut child = common::spawn_serve(&sock, &ours, &["--num-queues", "1"]);
     let t = std::time::Instant::now();
@@ -273,47 +247,13 @@ fn differential_through_daemon(name: &str, opts: &str, with_backing: bool, seed:
     let st = common::wait_timeout(&mut child, 20).expect("daemon exit");
     assert!(st.success(), "{name}: daemon exit {st}");
 
-    let mut qargs: Vec<String> = vec!["-f".into(), "qcow2".into()];
-    for op in &ops {
-        qargs.push("-c".into());
-        qargs.push(op.qemu_io());
-    }
-    qargs.push(p(&theirs).into());
-    let qargs: Vec<&str> = qargs.iter().map(String::as_str).collect();
-    run("qemu-io", &qargs);
-
-    let cmp = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            p(&ours),
-            p(&theirs),
-        ])
-        .output()
-        .expect("compare");
-    assert!(
-        cmp.status.success(),
-        "{name} seed {seed}: qemu-img compare: {}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
-    let chk = Command::new("qemu-img")
-        .args(["check", p(&ours)])
-        .output()
-        .expect("check");
-    assert!(
-        chk.status.success(),
-        "{name} seed {seed}: qemu-img check: {}",
-        String::from_utf8_lossy(&chk.stdout)
-    );
+    replay_and_compare(name, seed, &ops, &ours, &theirs);
 }
 
 #[test]
 fn differential_workload_through_the_daemon_matches_qemu_io() {
-    differential_through_daemon("v3", "", false, 101);
-    differential_through_daemon("v3-overlay", "", true, 102);
-    differential_through_daemon("extl2-overlay", "extended_l2=on", true, 103);
-    differential_through_daemon("v2-c4k", "compat=0.10,cluster_size=4k", false, 104);
+    differential_through_daemon("v3", &[], false, 101);
+    differential_through_daemon("v3-overlay", &[], true, 102);
+    differential_through_daemon("extl2-overlay", &["-o", "extended_l2=on"], true, 103);
+    differential_through_daemon("v2-c4k", &["-o", "compat=0.10,cluster_size=4k"], false, 104);
 }
