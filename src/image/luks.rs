@@ -224,20 +224,19 @@ impl LuksImage {
         let mut done = 0u64;
         let mut out = Cursor { idx: 0, off: 0 };
         while done < len {
-            let pos = offset + done;
-            let start = pos / SECTOR * SECTOR;
-            let lead = usize::try_from(pos - start).unwrap_or(0);
-            let want = (len - done).min((BOUNCE_MAX - lead) as u64);
-            let span = (u64::try_from(lead).unwrap_or(0) + want).next_multiple_of(SECTOR);
-            let span_us = usize::try_from(span).unwrap_or(BOUNCE_MAX);
-            let want_us = usize::try_from(want).unwrap_or(0);
-            with_bounce(span_us, |b| -> Result<()> {
+            let Span {
+                start,
+                lead,
+                want,
+                span,
+            } = Span::next(offset + done, len - done);
+            with_bounce(span, |b| -> Result<()> {
                 self.storage.read_at(b, self.payload + start)?;
                 self.cipher.decrypt_sectors(b, start / SECTOR)?;
-                scatter(bufs, &mut out, &b[lead..lead + want_us]);
+                scatter(bufs, &mut out, &b[lead..lead + want]);
                 Ok(())
             })?;
-            done += want;
+            done += want as u64;
         }
         Ok(())
     }
@@ -248,24 +247,50 @@ impl LuksImage {
         let mut done = 0u64;
         let mut inp = Cursor { idx: 0, off: 0 };
         while done < len {
-            let pos = offset + done;
-            let start = pos / SECTOR * SECTOR;
-            let lead = usize::try_from(pos - start).unwrap_or(0);
-            let want = (len - done).min((BOUNCE_MAX - lead) as u64);
-            let span = (u64::try_from(lead).unwrap_or(0) + want).next_multiple_of(SECTOR);
-            let span_us = usize::try_from(span).unwrap_or(BOUNCE_MAX);
-            let want_us = usize::try_from(want).unwrap_or(0);
-            with_bounce(span_us, |b| -> Result<()> {
+            let Span {
+                start,
+                lead,
+                want,
+                span,
+            } = Span::next(offset + done, len - done);
+            with_bounce(span, |b| -> Result<()> {
                 self.storage.read_at(b, self.payload + start)?;
                 self.cipher.decrypt_sectors(b, start / SECTOR)?;
-                gather(bufs, &mut inp, &mut b[lead..lead + want_us]);
+                gather(bufs, &mut inp, &mut b[lead..lead + want]);
                 self.cipher.encrypt_sectors(b, start / SECTOR)?;
                 self.storage.write_at(b, self.payload + start)?;
                 Ok(())
             })?;
-            done += want;
+            done += want as u64;
         }
         Ok(())
+    }
+}
+
+/// The next piece of an unaligned request, as the slow paths process it through the bounce
+/// buffer: the whole sectors from `start` (sector-aligned, payload-relative) covering at most
+/// [`BOUNCE_MAX`] bytes; the request's bytes sit at `lead..lead + want` inside those `span` bytes.
+struct Span {
+    start: u64,
+    lead: usize,
+    want: usize,
+    span: usize,
+}
+
+impl Span {
+    /// The piece starting at `pos` with `remaining` request bytes still to go.
+    fn next(pos: u64, remaining: u64) -> Self {
+        let start = pos / SECTOR * SECTOR;
+        // Both below BOUNCE_MAX: lead < 512, want ≤ BOUNCE_MAX − lead.
+        let lead = usize::try_from(pos - start).unwrap_or(0);
+        let want = usize::try_from(remaining.min((BOUNCE_MAX - lead) as u64)).unwrap_or(0);
+        let span = (lead + want).next_multiple_of(SECTOR_SIZE);
+        Self {
+            start,
+            lead,
+            want,
+            span,
+        }
     }
 }
 
