@@ -262,3 +262,75 @@ fn data_write_over_metadata_is_refused_and_image_turns_read_only() {
         assert_eq!(&after[m..m + 4096], &b[m..m + 4096], "{name} overwritten");
     }
 }
+
+fn qemu_img_check_clean(img: &Path) {
+    let o = Command::new("qemu-img")
+        .args(["check", "--output=json", p(img)])
+        .output()
+        .expect("spawn qemu-img");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "qemu-img check: {out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("check json");
+    for key in ["corruptions", "leaks", "check-errors"] {
+        let n = v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        assert_eq!(n, 0, "qemu-img check reports {key}: {out}");
+    }
+}
+
+/// Issue 8 item 3: on an extended-L2 image, a write into the second half of a freshly
+/// allocated L2 table's span succeeds, reads back, and checks clean (a new table once had
+/// half the words that 128-bit entries need, and the write panicked the worker).
+#[test]
+fn extended_l2_write_in_second_half_of_new_table() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("x.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+            p(&img),
+            "1G",
+        ],
+    );
+    // 64 KiB clusters: 4096 extended entries (8192 words) per L2 table, spanning 256 MiB; 130
+    // MiB is entry 2080 (words 4160..4162) of the new table 0, 200 MiB entry 3200.
+    let offsets = [130u64 << 20, 200 << 20, (130 << 20) + 12 * 1024];
+    {
+        let i = open_rw(&img).expect("open");
+        for (k, &off) in offsets.iter().enumerate() {
+            let buf = vec![0x30 + u8::try_from(k).expect("small"); 4096];
+            i.write(off, &[std::io::IoSlice::new(&buf)])
+                .unwrap_or_else(|e| panic!("write at {off:#x}: {e:?}"));
+        }
+        for (k, &off) in offsets.iter().enumerate() {
+            let mut got = vec![0u8; 4096];
+            i.read(off, &mut [IoSliceMut::new(&mut got)]).expect("read");
+            assert!(got
+                .iter()
+                .all(|&x| x == 0x30 + u8::try_from(k).expect("small")));
+        }
+        i.flush().expect("flush");
+    }
+    qemu_img_check_clean(&img);
+    for (k, &off) in offsets.iter().enumerate() {
+        let cmd = format!("read -P {} {off} 4k", 0x30 + k);
+        let o = Command::new("qemu-io")
+            .args(["-c", &cmd, p(&img)])
+            .output()
+            .expect("qemu-io");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && !out.contains("Pattern verification failed"),
+            "qemu-io {cmd}: {out}"
+        );
+    }
+}

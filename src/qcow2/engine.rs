@@ -630,7 +630,8 @@ impl Qcow2 {
             return Ok(old);
         }
         let table = if old == 0 {
-            vec![0u64; 1 << self.geo.l2_bits]
+            // A whole cluster of words: extended L2 entries take two each.
+            vec![0u64; self.geo.cluster_usize() / 8]
         } else {
             m.load_l2(st, old, &self.geo)?;
             m.l2.get(old).map(<[u64]>::to_vec).ok_or(Error::BadOffset {
