@@ -334,3 +334,71 @@ fn extended_l2_write_in_second_half_of_new_table() {
         );
     }
 }
+
+/// Issue 8 item 6: a dirty image whose 2,000 snapshot entries all share one L1 table whose
+/// 2,048 entries all point at one L2 table. Walking the L2 table once per L1 entry (as the
+/// rebuild at open did) means 4 million 64 KiB table reads; the open must instead finish in
+/// seconds, with an error (the shared data cluster's count overflows 16-bit refcounts) and the
+/// file untouched.
+#[test]
+fn dirty_image_with_shared_snapshot_tables_is_rebuilt_in_bounded_time() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let img = dir.path().join("s.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p(&img),
+            "1T",
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 0x61 0 64k", p(&img)]);
+    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    set_dirty(&img, |b| {
+        let l1 = usize::try_from(get64(b, 40)).expect("l1");
+        let l1_size =
+            usize::try_from(u32::from_be_bytes(b[36..40].try_into().expect("4"))).expect("l1 size");
+        assert_eq!(l1_size, 2048);
+        let l2 = get64(b, l1) & 0x00ff_ffff_ffff_fe00;
+        let snap = usize::try_from(get64(b, 64)).expect("snapshot table");
+        let snap_l1 = usize::try_from(get64(b, snap)).expect("snapshot L1");
+        for i in 0..l1_size {
+            put64(b, snap_l1 + i * 8, l2);
+        }
+        // 2,000 copies of the first snapshot entry in a new table at the end of the file.
+        let table = b.len().div_ceil(65536) * 65536;
+        b.resize(table, 0);
+        let entry_len = (40
+            + usize::try_from(u32::from_be_bytes(
+                b[snap + 36..snap + 40].try_into().expect("4"),
+            ))
+            .expect("extra")
+            + usize::from(u16::from_be_bytes([b[snap + 12], b[snap + 13]]))
+            + usize::from(u16::from_be_bytes([b[snap + 14], b[snap + 15]])))
+        .div_ceil(8)
+            * 8;
+        let entry = b[snap..snap + entry_len].to_vec();
+        for _ in 0..2000 {
+            b.extend_from_slice(&entry);
+        }
+        b.resize(b.len().div_ceil(65536) * 65536, 0);
+        put64(b, 64, table as u64);
+        b[60..64].copy_from_slice(&2000u32.to_be_bytes());
+    });
+    let before = hash(&img);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = img.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(open_rw(&path).map(|_| ()).map_err(|e| format!("{e:?}")));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("open of a dirty image with shared snapshot tables took over 30 s");
+    assert!(r.is_err(), "open accepted the overflowing refcounts");
+    assert_eq!(hash(&img), before, "refused rebuild changed the file");
+}

@@ -50,12 +50,7 @@ impl Refcounts {
                 what: "refcount table larger than 8 MiB",
             });
         }
-        let mut raw = vec![0u8; usize::try_from(bytes).map_err(|_| Error::TooLarge)?];
-        storage.read_at(&mut raw, table_offset)?;
-        let table: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let table = super::codec::read(storage, table_offset, bytes / 8)?;
         Ok(Self {
             order,
             cluster_bits,
@@ -297,11 +292,7 @@ impl Refcounts {
             self.update(storage, c + i, true)?;
         }
         let new_off = c << self.cluster_bits;
-        let mut raw = Vec::with_capacity(want * 8);
-        for e in &self.table {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        storage.write_at(&raw, new_off)?;
+        super::codec::write(storage, new_off, &self.table)?;
         storage.sync()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());

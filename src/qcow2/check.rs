@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::alloc::{Refcounts, RT_OFFSET_MASK};
+use super::codec;
 use super::engine::read_l1;
-use super::header::{Header, AUTOCLEAR_BITMAPS, OFF_REFCOUNT_TABLE};
+use super::header::{Header, OFF_REFCOUNT_TABLE};
 use super::metadata::{Mapping, COPIED, OFFSET_MASK};
+use super::snapshot::{l1_valid, read_bitmaps, read_snapshots, TableRef, MAX_BITMAP_BYTES};
 use super::types::Geometry;
 use super::{Error, Result};
 use crate::storage::Storage;
@@ -52,28 +54,30 @@ struct Refs {
 }
 
 impl Refs {
-    fn add(&mut self, res: &mut CheckResult, offset: u64, len: u64) {
-        if len == 0 {
+    /// Counts `n` references to every cluster of `offset..offset+len`.
+    fn add(&mut self, res: &mut CheckResult, offset: u64, len: u64, n: u64) {
+        if len == 0 || n == 0 {
             return;
         }
         let first = offset >> self.cluster_bits;
         let Some(last) = offset.checked_add(len - 1).map(|e| e >> self.cluster_bits) else {
-            res.corruptions += 1;
+            res.corruptions += n;
             return;
         };
         // As QEMU (qcow2_inc_refcounts_imrt): a reference ending a cluster or more past the end
         // of the file is a corruption and is not counted (the last cluster may be partial).
         if offset.saturating_add(len) >= self.file_len.saturating_add(1 << self.cluster_bits) {
-            res.corruptions += 1;
+            res.corruptions += n;
             return;
         }
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         for c in first..=last {
             if self.counts.len() >= MAX_COUNTED_CLUSTERS && !self.counts.contains_key(&c) {
                 self.too_many = true;
                 return;
             }
             let v = self.counts.entry(c).or_insert(0);
-            *v = v.saturating_add(1);
+            *v = v.saturating_add(n32);
         }
     }
 }
@@ -90,6 +94,24 @@ fn count_alloc(res: &mut CheckResult, next_contiguous: &mut u64, host: u64, cs: 
 /// Progress callback: (done, total) L1 entries of the active table.
 pub type Progress<'a> = &'a dyn Fn(u64, u64);
 
+/// How many L1 entries (active, in total) point at each L2 table.
+type L2Uses = BTreeMap<u64, (u64, u64)>;
+
+/// Bytes of snapshot L1 tables and bitmap tables one walk may read: each lies in the file, so
+/// a sane image needs at most its own size. Past it the image is refused (a hostile table set
+/// could otherwise make a rebuild at open read terabytes).
+fn table_budget(file_len: u64) -> u64 {
+    file_len.saturating_add(64 << 20)
+}
+
+fn spend(budget: &mut u64, bytes: u64) -> Result<()> {
+    *budget = budget.checked_sub(bytes).ok_or_else(|| {
+        log::error!("snapshot and bitmap tables add up to more than the file: refusing");
+        Error::TooLarge
+    })?;
+    Ok(())
+}
+
 struct Walker<'a> {
     progress: Option<Progress<'a>>,
     st: &'a dyn Storage,
@@ -100,154 +122,145 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     fn read_table(&self, off: u64) -> Result<Vec<u64>> {
-        let mut raw = vec![0u8; self.geo.cluster_usize()];
-        self.st.read_at(&mut raw, off)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_be_bytes(a)
-            })
-            .collect())
+        codec::read(self.st, off, self.geo.cluster_size / 8)
     }
 
-    fn walk_l1(
+    /// Counts the references of an L1 table and records which L2 tables it uses.
+    fn collect_l1(
         &self,
         refs: &mut Refs,
         res: &mut CheckResult,
-        l1_off: u64,
-        l1_size: u32,
+        l1: TableRef,
         active: bool,
+        uses: &mut L2Uses,
     ) -> Result<()> {
         let cs = self.geo.cluster_size;
-        refs.add(res, l1_off, u64::from(l1_size) * 8);
-        let l1 = read_l1(self.st, l1_off, l1_size)?;
-        let total = l1.len() as u64;
-        for (i, e) in l1.into_iter().enumerate() {
+        refs.add(res, l1.offset, l1.entries * 8, 1);
+        let table = codec::read(self.st, l1.offset, l1.entries)?;
+        let total = table.len() as u64;
+        for (i, e) in (0u64..).zip(table) {
             if let (true, Some(p)) = (active, self.progress) {
-                p(i as u64, total);
+                p(i, total);
             }
-            // As QEMU's check_refcounts_l2: contiguity is judged within one L2 table.
-            let mut next_contiguous = 0u64;
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
-            refs.add(res, l2, cs);
+            refs.add(res, l2, cs, 1);
             if !l2.is_multiple_of(cs) || l2 >= self.file_len {
                 res.corruptions += 1;
                 continue;
             }
-            let words = self.geo.entry_words();
-            for entry in self.read_table(l2)?.into_iter().step_by(words) {
-                let m = match Mapping::decode(entry, &self.geo) {
-                    Ok(m) => m,
-                    Err(_) => {
-                        res.corruptions += 1;
-                        continue;
-                    }
-                };
-                match m {
-                    Mapping::Compressed { .. } if active => {
-                        res.allocated_clusters += 1;
-                        res.compressed_clusters += 1;
-                        res.fragmented_clusters += 1;
-                    }
-                    Mapping::Data { host, .. } if active => {
-                        count_alloc(res, &mut next_contiguous, host, cs);
-                    }
-                    Mapping::Zero { host } if host != 0 && active => {
-                        count_alloc(res, &mut next_contiguous, host, cs);
-                    }
-                    _ => {}
-                }
-                // Data clusters in an external data file have no refcounts.
-                if self.geo.data_file {
-                    continue;
-                }
-                if let Some((off, len)) = m.host_range(cs) {
-                    refs.add(res, off, len);
-                }
-            }
+            let u = uses.entry(l2).or_default();
+            u.0 += u64::from(active);
+            u.1 += 1;
         }
         Ok(())
     }
 
-    fn walk_snapshots(&self, refs: &mut Refs, res: &mut CheckResult) -> Result<()> {
+    /// Walks one L2 table once, counting its references `all` times and its allocation
+    /// statistics `active` times (as QEMU's check_refcounts_l2, which judges contiguity within
+    /// one table, would on each walk).
+    fn walk_l2(
+        &self,
+        refs: &mut Refs,
+        res: &mut CheckResult,
+        l2: u64,
+        (active, all): (u64, u64),
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let mut next_contiguous = 0u64;
+        let mut stats = CheckResult::default();
+        for entry in self
+            .read_table(l2)?
+            .into_iter()
+            .step_by(self.geo.entry_words())
+        {
+            let m = match Mapping::decode(entry, &self.geo) {
+                Ok(m) => m,
+                Err(_) => {
+                    res.corruptions += all;
+                    continue;
+                }
+            };
+            match m {
+                Mapping::Compressed { .. } => {
+                    stats.allocated_clusters += 1;
+                    stats.compressed_clusters += 1;
+                    stats.fragmented_clusters += 1;
+                }
+                Mapping::Data { host, .. } => {
+                    count_alloc(&mut stats, &mut next_contiguous, host, cs);
+                }
+                Mapping::Zero { host } if host != 0 => {
+                    count_alloc(&mut stats, &mut next_contiguous, host, cs);
+                }
+                _ => {}
+            }
+            // Data clusters in an external data file have no refcounts.
+            if self.geo.data_file {
+                continue;
+            }
+            if let Some((off, len)) = m.host_range(cs) {
+                refs.add(res, off, len, all);
+            }
+        }
+        res.allocated_clusters += stats.allocated_clusters * active;
+        res.compressed_clusters += stats.compressed_clusters * active;
+        res.fragmented_clusters += stats.fragmented_clusters * active;
+        Ok(())
+    }
+
+    fn walk_snapshots(
+        &self,
+        refs: &mut Refs,
+        res: &mut CheckResult,
+        uses: &mut L2Uses,
+        budget: &mut u64,
+    ) -> Result<()> {
         if self.h.nb_snapshots == 0 {
             return Ok(());
         }
-        let mut pos = self.h.snapshots_offset;
-        for _ in 0..self.h.nb_snapshots {
-            let mut fixed = [0u8; 40];
-            self.st.read_at(&mut fixed, pos)?;
-            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4]));
-            let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-            let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-            let extra = u64::from(u32::from_be_bytes(
-                fixed[36..40].try_into().unwrap_or([0; 4]),
-            ));
-            let len = (40 + extra + id_len + name_len).div_ceil(8) * 8;
-            if u64::from(l1_size) * 8 > super::header::MAX_L1_BYTES
-                || l1_off % self.geo.cluster_size != 0
-                || l1_off.saturating_add(u64::from(l1_size) * 8) > self.file_len
-            {
+        let snaps = read_snapshots(self.st, self.h, self.file_len)?;
+        for t in snaps.l1_tables {
+            if !l1_valid(&t, self.geo.cluster_size, self.file_len) {
                 res.corruptions += 1;
-            } else {
-                self.walk_l1(refs, res, l1_off, l1_size, false)?;
+                continue;
             }
-            pos = pos.checked_add(len).ok_or(Error::TooLarge)?;
-            if pos > self.file_len {
-                res.corruptions += 1;
-                break;
-            }
+            spend(budget, t.entries * 8)?;
+            self.collect_l1(refs, res, t, false, uses)?;
         }
-        refs.add(res, self.h.snapshots_offset, pos - self.h.snapshots_offset);
+        if snaps.truncated {
+            res.corruptions += 1;
+        }
+        refs.add(res, self.h.snapshots_offset, snaps.table_bytes, 1);
         Ok(())
     }
 
-    fn walk_bitmaps(&self, refs: &mut Refs, res: &mut CheckResult) -> Result<()> {
-        let Some(b) = self.h.bitmaps else {
+    fn walk_bitmaps(&self, refs: &mut Refs, res: &mut CheckResult, budget: &mut u64) -> Result<()> {
+        let Some((dir_off, dir_len, tables)) = read_bitmaps(self.st, self.h, self.file_len)? else {
             return Ok(());
         };
-        if self.h.autoclear & AUTOCLEAR_BITMAPS == 0
-            || b.directory_size > (64 << 20)
-            || b.directory_offset.saturating_add(b.directory_size) > self.file_len
-        {
-            return Ok(());
-        }
-        refs.add(res, b.directory_offset, b.directory_size);
-        let mut dir = vec![0u8; usize::try_from(b.directory_size).map_err(|_| Error::TooLarge)?];
-        self.st.read_at(&mut dir, b.directory_offset)?;
-        let mut p = 0usize;
-        while p + 24 <= dir.len() {
-            let t_off = u64::from_be_bytes(dir[p..p + 8].try_into().unwrap_or([0; 8]));
-            let t_size = u64::from(u32::from_be_bytes(
-                dir[p + 8..p + 12].try_into().unwrap_or([0; 4]),
-            ));
-            let name = usize::from(u16::from_be_bytes([dir[p + 14], dir[p + 15]]));
-            let extra = u32::from_be_bytes(dir[p + 16..p + 20].try_into().unwrap_or([0; 4]));
-            let extra = usize::try_from(extra).map_err(|_| Error::TooLarge)?;
-            refs.add(res, t_off, t_size * 8);
-            if t_size * 8 <= (64 << 20) && t_off.saturating_add(t_size * 8) <= self.file_len {
-                let mut t = vec![0u8; usize::try_from(t_size * 8).map_err(|_| Error::TooLarge)?];
-                self.st.read_at(&mut t, t_off)?;
-                for c in t.chunks_exact(8) {
-                    let e = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
-                    if e != 0 {
-                        refs.add(res, e, self.geo.cluster_size);
-                    }
+        refs.add(res, dir_off, dir_len, 1);
+        for t in tables {
+            refs.add(res, t.offset, t.entries * 8, 1);
+            if !t.valid(1, MAX_BITMAP_BYTES, self.file_len) {
+                continue;
+            }
+            spend(budget, t.entries * 8)?;
+            for e in codec::read(self.st, t.offset, t.entries)? {
+                let e = e & OFFSET_MASK;
+                if e != 0 {
+                    refs.add(res, e, self.geo.cluster_size, 1);
                 }
             }
-            p += (24 + name + extra).div_ceil(8) * 8;
         }
         Ok(())
     }
 
     /// Counts every reference; with `refcount_structs` false, leaves out the refcount table and
-    /// blocks (for a rebuild that replaces them).
+    /// blocks (for a rebuild that replaces them). Each L2 table is read once, however many L1
+    /// entries (active or in snapshots) point at it: time and memory follow the file's size.
     fn count(&self, res: &mut CheckResult, refcount_structs: bool) -> Result<Refs> {
         let cs = self.geo.cluster_size;
         let mut refs = Refs {
@@ -256,21 +269,29 @@ impl Walker<'_> {
             file_len: self.file_len,
             too_many: false,
         };
-        refs.add(res, 0, cs);
-        self.walk_l1(&mut refs, res, self.h.l1_table_offset, self.h.l1_size, true)?;
-        self.walk_snapshots(&mut refs, res)?;
-        if let Some((off, len)) = self.h.fde {
-            refs.add(res, off, len);
+        let mut budget = table_budget(self.file_len);
+        refs.add(res, 0, cs, 1);
+        let mut uses = L2Uses::new();
+        let active = TableRef {
+            offset: self.h.l1_table_offset,
+            entries: u64::from(self.h.l1_size),
+        };
+        self.collect_l1(&mut refs, res, active, true, &mut uses)?;
+        self.walk_snapshots(&mut refs, res, &mut uses, &mut budget)?;
+        for (&l2, &u) in &uses {
+            self.walk_l2(&mut refs, res, l2, u)?;
+            if refs.too_many {
+                break;
+            }
         }
-        self.walk_bitmaps(&mut refs, res)?;
+        if let Some((off, len)) = self.h.fde {
+            refs.add(res, off, len, 1);
+        }
+        self.walk_bitmaps(&mut refs, res, &mut budget)?;
         if refcount_structs {
             let rt_bytes = u64::from(self.h.refcount_table_clusters) * cs;
-            refs.add(res, self.h.refcount_table_offset, rt_bytes);
-            let rt = read_l1(
-                self.st,
-                self.h.refcount_table_offset,
-                u32::try_from(rt_bytes / 8).map_err(|_| Error::TooLarge)?,
-            )?;
+            refs.add(res, self.h.refcount_table_offset, rt_bytes, 1);
+            let rt = codec::read(self.st, self.h.refcount_table_offset, rt_bytes / 8)?;
             for e in rt {
                 let off = e & RT_OFFSET_MASK;
                 if off == 0 {
@@ -280,7 +301,7 @@ impl Walker<'_> {
                     res.corruptions += 1;
                     continue;
                 }
-                refs.add(res, off, cs);
+                refs.add(res, off, cs, 1);
             }
         }
         if refs.too_many {
@@ -490,11 +511,7 @@ fn check_copied(
             }
         }
         if dirty {
-            let mut raw = Vec::with_capacity(t.len() * 8);
-            for v in &t {
-                raw.extend_from_slice(&v.to_be_bytes());
-            }
-            st.write_at(&raw, l2)?;
+            codec::write(st, l2, &t)?;
         }
     }
     if fix {
@@ -595,11 +612,7 @@ pub fn rebuild_refcounts(st: &dyn Storage, h: &Header) -> Result<()> {
     }
     let _ = table_entries;
     let t_off = (first + nb) * cs;
-    let mut raw = Vec::with_capacity(table.len() * 8);
-    for v in &table {
-        raw.extend_from_slice(&v.to_be_bytes());
-    }
-    st.write_at(&raw, t_off)?;
+    codec::write(st, t_off, &table)?;
     st.sync()?;
     let mut hdr = [0u8; 12];
     hdr[..8].copy_from_slice(&t_off.to_be_bytes());

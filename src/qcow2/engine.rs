@@ -640,11 +640,7 @@ impl Qcow2 {
             })?
         };
         let new = m.rc.alloc(st, 1)?;
-        let mut raw = Vec::with_capacity(table.len() * 8);
-        for v in &table {
-            raw.extend_from_slice(&v.to_be_bytes());
-        }
-        st.write_at(&raw, new)?;
+        super::codec::write(st, new, &table)?;
         m.l2.insert(new, table);
         m.l1[l1i] = new | COPIED;
         pw.l1
@@ -1141,14 +1137,5 @@ impl Drop for Qcow2 {
 
 /// Reads an L1 table (already bounded by the header checks).
 pub fn read_l1(storage: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
-    let mut raw = vec![0u8; to_usize(u64::from(entries) * 8)?];
-    storage.read_at(&mut raw, offset)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            u64::from_be_bytes(a)
-        })
-        .collect())
+    super::codec::read(storage, offset, u64::from(entries))
 }

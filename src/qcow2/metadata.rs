@@ -257,16 +257,7 @@ impl Meta {
                 offset: off,
             });
         }
-        let mut raw = vec![0u8; usize::try_from(geo.cluster_size).map_err(|_| Error::TooLarge)?];
-        storage.read_at(&mut raw, off)?;
-        let t = raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_be_bytes(a)
-            })
-            .collect();
+        let t = super::codec::read(storage, off, geo.cluster_size / 8)?;
         self.l2.insert(off, t);
         Ok(())
     }

@@ -18,12 +18,14 @@ use crate::storage::{Storage, StorageError};
 pub mod alloc;
 mod bounds;
 pub mod check;
+mod codec;
 pub mod compressed;
 pub mod create;
 pub mod engine;
 pub mod header;
 mod iov;
 pub mod metadata;
+mod snapshot;
 pub mod types;
 
 #[cfg(test)]
