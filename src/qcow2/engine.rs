@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::alloc::Refcounts;
+use super::bounds::Overlap;
 use super::header::{Header, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPAT};
 use super::iov::{copy_from, fill_zero, total, IovMut, IovRef};
 use super::metadata::{L2Cache, Lookup, Mapping, Meta, COPIED, OFFSET_MASK, ZERO};
@@ -64,8 +65,6 @@ pub struct Qcow2 {
     /// refcounts drop to 0 so that clusters are punched or reused) holds it for writing, so it
     /// waits for the requests that may still use the old mappings. Taken before `meta`.
     inflight: RwLock<()>,
-    /// Metadata host ranges found at open: in-place data writes must not touch them.
-    overlap: super::bounds::MetaRanges,
     /// Set when a data write would have overwritten metadata: the image is read-only from then.
     corrupt: AtomicBool,
     backing: Option<Box<dyn BackingRead>>,
@@ -165,6 +164,7 @@ impl Qcow2 {
             pending_frees: Vec::new(),
             pool: (0, 0),
             written: false,
+            overlap: Overlap::default(),
         };
         let mut img = Self {
             storage,
@@ -173,7 +173,6 @@ impl Qcow2 {
             read_only: opts.read_only,
             meta: RwLock::new(meta),
             inflight: RwLock::new(()),
-            overlap: super::bounds::MetaRanges::default(),
             corrupt: AtomicBool::new(false),
             backing,
             crypt,
@@ -197,16 +196,15 @@ impl Qcow2 {
             img.meta_w().rc = rc;
         }
         if !img.read_only && img.data.is_none() {
-            let m = img.meta_r();
-            let r = super::bounds::MetaRanges::build(
+            let mut m = img.meta_w();
+            let o = Overlap::build(
+                img.storage.as_ref(),
                 &img.header,
                 img.geo.cluster_size,
                 &m.l1,
-                m.rc.table(),
-                m.rc.table_location(),
-            );
-            drop(m);
-            img.overlap = r;
+                &m.rc,
+            )?;
+            m.overlap = o;
         }
         Ok(img)
     }
@@ -477,7 +475,7 @@ impl Qcow2 {
         {
             let _gate = self.gate_r();
             let m = self.meta_r();
-            if m.written {
+            if m.written && !m.overlap.stale(&m.rc) {
                 if let Some(runs) = self.in_place_runs(&m, offset, len)? {
                     for &(host, _, n) in &runs {
                         self.check_overlap(&m, host, n)?;
@@ -539,34 +537,32 @@ impl Qcow2 {
         Ok(Some(runs))
     }
 
-    /// Refuses an in-place data write over metadata (a malformed L2 entry with COPIED set pointing
-    /// at the header, L1, refcount structures, an L2 table or the LUKS header), and marks the
-    /// image corrupt: read-only from then on.
+    /// Refuses a write of guest data (or of a new table) that would land on metadata (a
+    /// malformed L2 entry with COPIED set pointing at a table, or refcounts that call a table
+    /// free) or past the end of the image (an L2 entry pointing anywhere up to 2^56 would
+    /// otherwise make a sparse file of petabytes), and marks the image corrupt: read-only from
+    /// then on. The end of the image is the file's length at open rounded up to a cluster, or
+    /// the end of the highest cluster allocated since.
     fn check_overlap(&self, m: &Meta, host: u64, len: u64) -> Result<()> {
-        if self.data.is_some() || !self.overlap.overlaps(host, len) {
+        if self.data.is_some() {
             return Ok(());
         }
-        // Metadata at open may have been freed and reused for data since: confirm with the
-        // current tables (rare path).
-        let now = super::bounds::MetaRanges::build(
-            &self.header,
-            self.geo.cluster_size,
-            &m.l1,
-            m.rc.table(),
-            m.rc.table_location(),
-        );
-        if !now.overlaps(host, len) {
+        let what = if host.checked_add(len).is_none_or(|e| e > m.rc.high_water()) {
+            "data cluster past the end of the image"
+        } else if m
+            .overlap
+            .hits(host, len, self.geo.cluster_size, &m.l1, &m.rc)
+        {
+            "data cluster overlapping metadata"
+        } else {
             return Ok(());
-        }
+        };
         self.corrupt.store(true, Ordering::Relaxed);
         log::error!(
-            "a data write to host {host:#x}+{len} would overwrite image metadata: \
+            "a write to host {host:#x}+{len} is refused ({what}): \
              the image is corrupt, now read-only"
         );
-        Err(Error::BadOffset {
-            what: "data cluster overlapping metadata",
-            offset: host,
-        })
+        Err(Error::BadOffset { what, offset: host })
     }
 
     /// Writes guest data to a host range, encrypting into a bounce buffer when needed.
@@ -640,6 +636,8 @@ impl Qcow2 {
             })?
         };
         let new = m.rc.alloc(st, 1)?;
+        self.check_overlap(m, new, self.geo.cluster_size)?;
+        m.overlap.add_live(new, self.geo.cluster_size);
         super::codec::write(st, new, &table)?;
         m.l2.insert(new, table);
         m.l1[l1i] = new | COPIED;
@@ -770,6 +768,7 @@ impl Qcow2 {
             m.pool = (first, first + n * cs);
         }
         let c = m.pool.0;
+        self.check_overlap(m, c, cs)?;
         m.pool.0 += cs;
         Ok(c)
     }
@@ -788,6 +787,9 @@ impl Qcow2 {
         let mut guard = self.meta_w();
         let m = &mut *guard;
         self.first_write(m)?;
+        if m.overlap.stale(&m.rc) {
+            m.overlap.rebuild_live(self.geo.cluster_size, &m.l1, &m.rc);
+        }
         let st = self.storage.as_ref();
         let cs = self.geo.cluster_size;
         let end = offset + bufs.iter().map(|b| b.len() as u64).sum::<u64>();

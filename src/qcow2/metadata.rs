@@ -192,6 +192,8 @@ pub struct Meta {
     pub written: bool,
     /// Reserved data clusters (refcount 1, durable, not yet referenced): `pool.0..pool.1`.
     pub pool: (u64, u64),
+    /// Where metadata lives (guest data must not be written there).
+    pub(super) overlap: super::bounds::Overlap,
 }
 
 /// Result of a lookup under the read lock.
