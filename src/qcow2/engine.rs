@@ -1,12 +1,11 @@
 //! [`Qcow2`]: an open image, its locks and the helpers every path shares. The paths live in
-//! their own files: [`super::read`], [`super::write`], [`super::zero`] (discard, write-zeroes),
-//! [`super::txn`] (metadata transactions), [`super::pool`] (reserved clusters, frees, flush),
-//! [`super::prealloc`].
+//! their own files: `read.rs`, `write.rs`, `zero.rs` (discard, write-zeroes), `txn.rs`
+//! (metadata transactions), `pool.rs` (reserved clusters, frees, flush), `prealloc.rs`.
 //!
 //! Locking: all metadata (L1, L2 cache, refcounts) sits behind one `RwLock`, held only to look
 //! up or change metadata, never across data I/O, encryption or fdatasync. A request resolves
 //! all its mappings under one acquisition. A request that changes metadata runs as a
-//! transaction ([`super::txn`]): it plans under the write lock (reserving clusters and marking
+//! transaction (`txn.rs`): it plans under the write lock (reserving clusters and marking
 //! its guest clusters busy), drops the lock for the data work, and commits (or rolls back)
 //! under the lock again, so memory always equals disk. Busy clusters serialise the
 //! transactions that touch the same cluster; others run in parallel.
