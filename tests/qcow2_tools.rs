@@ -247,3 +247,100 @@ fn raw_create_and_info() {
         assert_eq!(ours.get(k), theirs.get(k), "{k}");
     }
 }
+
+/// `map`: our JSON (and human) output is byte-for-byte qemu-img's, over raw, qcow2 with data /
+/// zero / compressed clusters, backing chains (qcow2 and raw, a shorter backing file), extended
+/// L2 subclusters, metadata preallocation, an external data file, 512-byte clusters and
+/// qcow2+LUKS (offsets hidden).
+#[test]
+fn map_output_equals_qemu_img() {
+    use vhost_user_qcow2::cli::map;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let st = Command::new("sh")
+            .arg("-ec")
+            .arg(cmd)
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("sh");
+        assert!(st.success(), "{cmd}");
+    };
+    sh("printf secret > pw");
+    sh("qemu-img create -q -f qcow2 base.qcow2 4M && qemu-io -c 'write -P 1 0 64k' -c 'write -c -P 2 128k 64k' -c 'write -z 256k 64k' base.qcow2");
+    sh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 8M && qemu-io -c 'write -P 3 64k 64k' -c 'write -z 0 4k' -c 'write -P 4 1M 100k' -c 'write -P 5 6M 64k' top.qcow2");
+    sh("truncate -s 1M r.raw && qemu-io -f raw -c 'write -P 1 4k 8k' r.raw");
+    sh("qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=64k x.qcow2 4M && qemu-io -c 'write -P 1 4k 4k' -c 'write -z 64k 8k' -c 'write -P 2 200k 100k' x.qcow2");
+    sh("qemu-img create -q -f raw rb.raw 2M && qemu-io -f raw -c 'write -P 7 512k 64k' rb.raw && qemu-img create -q -f qcow2 -b rb.raw -F raw ov.qcow2 4M && qemu-io -c 'write -P 8 0 4k' ov.qcow2");
+    sh("qemu-img create -q -f qcow2 -o preallocation=metadata pm.qcow2 2M && qemu-io -c 'write -P 9 64k 4k' pm.qcow2");
+    sh("qemu-img create -q -f qcow2 -o data_file=df.raw,data_file_raw=on dfi.qcow2 2M && qemu-io -c 'write -P 3 64k 64k' dfi.qcow2");
+    sh("qemu-img create -q -f qcow2 -o cluster_size=512 small.qcow2 1M && qemu-io -c 'write -P 3 1000 3000' small.qcow2");
+    sh("qemu-img create -q -f qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 q.qcow2 4M && qemu-io --object secret,id=s0,file=pw --image-opts driver=qcow2,encrypt.key-secret=s0,file.filename=q.qcow2 -c 'write -P 1 64k 64k' -c 'write -z 1M 64k'");
+
+    let ours = |file: &str, fmt: Option<&str>, output: OutputFormat| -> (String, bool) {
+        let format = fmt.map(|f| image::Format::from_name(f).expect("format"));
+        let e = map::map_entries(&d.join(file), format, 0, None).expect("map");
+        let mut out = Vec::new();
+        let ok = map::write_map(&e, output, &mut out).is_ok();
+        (String::from_utf8(out).expect("utf-8"), ok)
+    };
+    let theirs = |args: &[&str]| -> (String, bool) {
+        let out = Command::new("qemu-img")
+            .arg("map")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("qemu-img map");
+        (
+            String::from_utf8(out.stdout).expect("utf-8"),
+            out.status.success(),
+        )
+    };
+    let mut checked = 0;
+    for (file, fmt) in [
+        ("base.qcow2", None),
+        ("top.qcow2", None),
+        ("r.raw", Some("raw")),
+        ("x.qcow2", None),
+        ("ov.qcow2", None),
+        ("pm.qcow2", None),
+        ("dfi.qcow2", None),
+        ("small.qcow2", None),
+    ] {
+        let path = d.join(file);
+        let mut args = vec!["--output=json"];
+        if let Some(f) = fmt {
+            args.extend(["-f", f]);
+        }
+        args.push(p(&path));
+        assert_eq!(
+            ours(file, fmt, OutputFormat::Json),
+            theirs(&args),
+            "{file} json"
+        );
+        args.remove(0);
+        let (o, ok) = ours(file, fmt, OutputFormat::Human);
+        let (t, tok) = theirs(&args);
+        assert_eq!(ok, tok, "{file} human exit status");
+        if ok {
+            assert_eq!(o, t, "{file} human");
+        }
+        checked += 1;
+    }
+    // qemu-img needs the key to open the LUKS image; we do not (mapping reads no data).
+    let luks = theirs(&[
+        "--output=json",
+        "--object",
+        "secret,id=s0,file=pw",
+        "--image-opts",
+        "driver=qcow2,encrypt.key-secret=s0,file.filename=q.qcow2",
+    ]);
+    assert_eq!(
+        ours("q.qcow2", None, OutputFormat::Json),
+        luks,
+        "qcow2+luks json"
+    );
+    assert!(luks.0.contains("\"data\": true") && !luks.0.contains("offset"));
+    assert_eq!(checked, 8);
+}

@@ -11,6 +11,7 @@ pub mod create;
 pub mod encrypt;
 pub mod info;
 pub mod keyslot;
+pub mod map;
 pub mod serve;
 pub mod tools;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// List, add or remove LUKS key slots.
     Keyslot(keyslot::KeyslotArgs),
+    /// Show where the guest's data lives (as `qemu-img map`).
+    Map(map::MapArgs),
 }
 
 /// Errors of any subcommand.
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Create(args) => create::run(&args, &mut out)?,
         Command::Info(args) => info::run(&args, &mut out)?,
         Command::Check(args) => check::run(&args, &mut out)?,
+        Command::Map(args) => map::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
             0
