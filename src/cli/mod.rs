@@ -13,6 +13,7 @@ pub mod info;
 pub mod keyslot;
 pub mod map;
 pub mod serve;
+pub mod systemd;
 pub mod tools;
 
 /// vhost-user-blk backend serving raw, qcow2 and LUKS-encrypted images.
