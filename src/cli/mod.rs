@@ -9,6 +9,7 @@ use thiserror::Error;
 pub mod check;
 pub mod create;
 pub mod encrypt;
+pub mod generate;
 pub mod info;
 pub mod keyslot;
 pub mod map;
@@ -39,6 +40,9 @@ pub enum Command {
     Keyslot(keyslot::KeyslotArgs),
     /// Show where the guest's data lives (as `qemu-img map`).
     Map(map::MapArgs),
+    /// Generate the manual pages or shell completions.
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// Errors of any subcommand.
@@ -64,6 +68,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Info(args) => info::run(&args, &mut out)?,
         Command::Check(args) => check::run(&args, &mut out)?,
         Command::Map(args) => map::run(&args, &mut out)?,
+        Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
             0
