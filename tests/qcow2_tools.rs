@@ -2,6 +2,8 @@
 //! qemu-img describes it; `info --output json` and `check --output json` carry qemu-img's fields
 //! and values; repairs leave an image qemu-img calls clean.
 
+mod common;
+
 use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -343,4 +345,66 @@ fn map_output_equals_qemu_img() {
     );
     assert!(luks.0.contains("\"data\": true") && !luks.0.contains("offset"));
     assert_eq!(checked, 8);
+}
+
+/// `compare`: the same message and exit code as `qemu-img compare` (identical, content mismatch
+/// at the first differing sector, size mismatch with a zero or non-zero tail, strict size,
+/// qcow2 against raw, a missing file → 2). Strict allocation mismatches agree on the exit code
+/// only (qemu-img also compares block-status bits that map does not show).
+#[test]
+fn compare_equals_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let st = Command::new("sh")
+            .arg("-ec")
+            .arg(cmd)
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("sh");
+        assert!(st.success(), "{cmd}");
+    };
+    let both = |args: &[&str], strict_status: bool| {
+        let q = Command::new("qemu-img")
+            .arg("compare")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("qemu-img");
+        let o = Command::new(common::BIN)
+            .arg("compare")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("ours");
+        assert_eq!(o.status.code(), q.status.code(), "{args:?}");
+        if !strict_status {
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&q.stdout),
+                "{args:?}"
+            );
+        }
+        o.status.code()
+    };
+    sh("qemu-img create -q -f qcow2 c1.qcow2 4M && qemu-img create -q -f qcow2 c2.qcow2 4M && qemu-io -c 'write -P 1 1000 10' c1.qcow2");
+    assert_eq!(both(&["c1.qcow2", "c2.qcow2"], false), Some(1));
+    sh("qemu-io -c 'write -P 1 1000 10' c2.qcow2");
+    assert_eq!(both(&["c1.qcow2", "c2.qcow2"], false), Some(0));
+    sh("qemu-img create -q -f qcow2 c3.qcow2 5M && qemu-io -c 'write -P 1 1000 10' c3.qcow2");
+    assert_eq!(both(&["c1.qcow2", "c3.qcow2"], false), Some(0));
+    assert_eq!(both(&["-s", "c1.qcow2", "c3.qcow2"], false), Some(1));
+    sh("qemu-io -c 'write -P 2 4200000 10' c3.qcow2");
+    assert_eq!(both(&["c3.qcow2", "c1.qcow2"], false), Some(1));
+    sh("qemu-io -c 'write -P 0 2M 64k' c1.qcow2");
+    assert_eq!(both(&["c1.qcow2", "c2.qcow2"], false), Some(0));
+    assert_eq!(both(&["-s", "c1.qcow2", "c2.qcow2"], true), Some(1));
+    assert_eq!(both(&["c1.qcow2", "missing.qcow2"], false), Some(2));
+    sh("qemu-io -c 'write -P 3 3000000 1' c2.qcow2 && qemu-img convert -O raw c2.qcow2 c2.raw");
+    assert_eq!(both(&["-q", "c1.qcow2", "c2.qcow2"], false), Some(1));
+    assert_eq!(
+        both(&["-f", "qcow2", "-F", "raw", "c2.qcow2", "c2.raw"], false),
+        Some(0)
+    );
 }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use thiserror::Error;
 
 pub mod check;
+pub mod compare;
 pub mod create;
 pub mod encrypt;
 pub mod generate;
@@ -40,6 +41,8 @@ pub enum Command {
     Keyslot(keyslot::KeyslotArgs),
     /// Show where the guest's data lives (as `qemu-img map`).
     Map(map::MapArgs),
+    /// Compare the guest content of two images (as `qemu-img compare`: exit 0 same, 1 different, 2 error).
+    Compare(compare::CompareArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Info(args) => info::run(&args, &mut out)?,
         Command::Check(args) => check::run(&args, &mut out)?,
         Command::Map(args) => map::run(&args, &mut out)?,
+        Command::Compare(args) => compare::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
