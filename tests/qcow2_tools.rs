@@ -51,6 +51,7 @@ fn our_info(file: &Path) -> Value {
         &InfoArgs {
             output: OutputFormat::Json,
             format: None,
+            backing_chain: false,
             file: file.to_path_buf(),
         },
         &mut out,
@@ -66,6 +67,7 @@ fn our_check(file: &Path, repair: Option<RepairArg>) -> (Value, i32) {
         &CheckArgs {
             repair,
             output: OutputFormat::Json,
+            format: None,
             file: file.to_path_buf(),
         },
         &mut out,
@@ -405,6 +407,106 @@ fn compare_equals_qemu_img() {
     assert_eq!(both(&["-q", "c1.qcow2", "c2.qcow2"], false), Some(1));
     assert_eq!(
         both(&["-f", "qcow2", "-F", "raw", "c2.qcow2", "c2.raw"], false),
+        Some(0)
+    );
+}
+
+/// `info --backing-chain` lists the chain top first with the same names qemu-img gives
+/// (filename, format, virtual size, backing file), and `check -f` refuses what qemu-img refuses
+/// with its exit codes (63: format without checks; 1: not a qcow2 image).
+#[test]
+fn info_backing_chain_and_check_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let run = |prog: &str, args: &[&str]| {
+        Command::new(prog)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("spawn")
+    };
+    assert!(
+        run("qemu-img", &["create", "-q", "-f", "raw", "b.raw", "1M"])
+            .status
+            .success()
+    );
+    assert!(run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "m.qcow2", "2M"]
+    )
+    .status
+    .success());
+    assert!(run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "t.qcow2"]
+    )
+    .status
+    .success());
+    let theirs: Value = serde_json::from_slice(
+        &run(
+            "qemu-img",
+            &["info", "--backing-chain", "--output=json", "t.qcow2"],
+        )
+        .stdout,
+    )
+    .expect("qemu json");
+    let ours: Value = serde_json::from_slice(
+        &run(
+            common::BIN,
+            &["info", "--backing-chain", "--output", "json", "t.qcow2"],
+        )
+        .stdout,
+    )
+    .expect("our json");
+    let (t, o) = (
+        theirs.as_array().expect("array"),
+        ours.as_array().expect("array"),
+    );
+    assert_eq!(o.len(), 3);
+    assert_eq!(t.len(), o.len());
+    for (t, o) in t.iter().zip(o) {
+        for k in [
+            "filename",
+            "format",
+            "virtual-size",
+            "backing-filename",
+            "backing-filename-format",
+            "full-backing-filename",
+        ] {
+            assert_eq!(o.get(k), t.get(k), "{k}");
+        }
+    }
+    let human = String::from_utf8(run(common::BIN, &["info", "--backing-chain", "t.qcow2"]).stdout)
+        .expect("utf-8");
+    assert_eq!(human.matches("image: ").count(), 3, "{human}");
+    assert_eq!(
+        run(common::BIN, &["check", "-f", "raw", "t.qcow2"])
+            .status
+            .code(),
+        Some(63)
+    );
+    assert_eq!(
+        run("qemu-img", &["check", "-f", "raw", "t.qcow2"])
+            .status
+            .code(),
+        Some(63)
+    );
+    assert_eq!(
+        run(common::BIN, &["check", "-f", "qcow2", "b.raw"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        run("qemu-img", &["check", "-f", "qcow2", "b.raw"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        run(common::BIN, &["check", "-f", "qcow2", "t.qcow2"])
+            .status
+            .code(),
         Some(0)
     );
 }

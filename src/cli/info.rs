@@ -20,6 +20,9 @@ pub struct InfoArgs {
     /// Image format (detected when not given).
     #[arg(short = 'f', long)]
     pub format: Option<String>,
+    /// Show every image of the backing chain, top first (JSON: an array).
+    #[arg(long)]
+    pub backing_chain: bool,
     /// The image file.
     pub file: PathBuf,
 }
@@ -170,14 +173,55 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 .ok_or(ToolError::BadArgument("format must be raw, qcow2 or luks"))?,
         ),
     };
-    let v = info_json(&args.file, format)?;
-    if args.output == OutputFormat::Json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    if !args.backing_chain {
+        let v = info_json(&args.file, format)?;
+        if args.output == OutputFormat::Json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        } else {
+            write_human(&args.file, &v, out)?;
+        }
         return Ok(0);
     }
+    // The chain: each image's backing file, with its recorded format, until one has none.
+    let mut chain = Vec::new();
+    let mut next = Some((args.file.clone(), format));
+    while let Some((path, format)) = next.take() {
+        if chain.len() > image::MAX_BACKING_DEPTH {
+            return Err(image::ImageError::BackingChain {
+                path: path.display().to_string(),
+                reason: "is deeper than 16",
+            }
+            .into());
+        }
+        let v = info_json(&path, format)?;
+        if let Some(full) = v.get("full-backing-filename").and_then(Value::as_str) {
+            let f = v
+                .get("backing-filename-format")
+                .and_then(Value::as_str)
+                .and_then(Format::from_name);
+            next = Some((PathBuf::from(full), f));
+        }
+        chain.push((path, v));
+    }
+    if args.output == OutputFormat::Json {
+        let all: Vec<&Value> = chain.iter().map(|(_, v)| v).collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+    } else {
+        for (i, (path, v)) in chain.iter().enumerate() {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            write_human(path, v, out)?;
+        }
+    }
+    Ok(0)
+}
+
+/// One image's facts as `qemu-img info` prints them.
+fn write_human(path: &Path, v: &Value, out: &mut dyn Write) -> Result<(), ToolError> {
     let get = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
     let num = |k: &str| get(k).as_u64().unwrap_or(0);
-    writeln!(out, "image: {}", args.file.display())?;
+    writeln!(out, "image: {}", path.display())?;
     writeln!(out, "file format: {}", get("format").as_str().unwrap_or(""))?;
     let vs = num("virtual-size");
     writeln!(out, "virtual size: {} ({vs} bytes)", human_size(vs))?;
@@ -217,5 +261,5 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             writeln!(out, "    {}: {shown}", k.replace('-', " "))?;
         }
     }
-    Ok(0)
+    Ok(())
 }
