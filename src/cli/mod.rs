@@ -9,6 +9,7 @@ use thiserror::Error;
 pub mod check;
 pub mod compare;
 pub mod create;
+pub mod create_opts;
 pub mod encrypt;
 pub mod generate;
 pub mod info;
