@@ -197,6 +197,9 @@ pub fn apply(args: &CreateArgs) -> Result<CreateArgs, ToolError> {
             format!("{alg}-{mode}-{iv}")
         };
     }
+    // Applied: a second apply() is a no-op.
+    a.options.clear();
+    a.objects.clear();
     if a.format == CreateFormat::Luks {
         a.format = CreateFormat::Raw;
         a.encrypt.encrypt = Some(EncryptFormat::Luks);

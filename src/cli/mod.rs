@@ -8,6 +8,7 @@ use thiserror::Error;
 
 pub mod check;
 pub mod compare;
+pub mod convert;
 pub mod create;
 pub mod create_opts;
 pub mod encrypt;
@@ -44,6 +45,8 @@ pub enum Command {
     Map(map::MapArgs),
     /// Compare the guest content of two images (as `qemu-img compare`: exit 0 same, 1 different, 2 error).
     Compare(compare::CompareArgs),
+    /// Copy an image into a new raw, qcow2 or LUKS image (as `qemu-img convert`).
+    Convert(convert::ConvertArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Check(args) => check::run(&args, &mut out)?,
         Command::Map(args) => map::run(&args, &mut out)?,
         Command::Compare(args) => compare::run(&args, &mut out)?,
+        Command::Convert(args) => convert::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
