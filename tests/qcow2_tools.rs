@@ -731,3 +731,57 @@ fn convert_output_compares_equal_in_qemu_img() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(sh("md5sum src.qcow2"), before, "the source changed");
 }
+
+/// `measure`: the same numbers (and text / JSON) as `qemu-img measure` for sources with data,
+/// zero and compressed clusters, backing chains, extended L2, bitmaps, raw and LUKS targets,
+/// preallocation, and `--size` without a source.
+#[test]
+fn measure_equals_qemu_img() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(d.join("pw"), "secret").expect("pw");
+    let sh = |cmd: &str| {
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    sh("qemu-img create -q -f qcow2 s.qcow2 64M && qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 10M 64k' \
+        -c 'write -c -P 3 30M 64k' -c 'write -z 31M 64k' -c 'write -P 4 40M 1k' s.qcow2 && \
+        qemu-img create -q -f qcow2 -b s.qcow2 -F qcow2 o.qcow2 && qemu-io -c 'write -P 5 50M 64k' o.qcow2 && \
+        qemu-img create -q -f qcow2 -o extended_l2=on x.qcow2 8M && qemu-io -c 'write -P 1 4k 4k' x.qcow2 && \
+        qemu-img bitmap --add s.qcow2 b1 && qemu-img bitmap --add -g 4096 s.qcow2 second-bitmap && \
+        qemu-img convert -O raw s.qcow2 s.raw");
+    let bin = common::BIN;
+    for a in [
+        "-O qcow2 s.qcow2",
+        "-O raw s.qcow2",
+        "-O qcow2 --size 1G",
+        "-O raw --size 1000",
+        "-O qcow2 -o cluster_size=4k s.qcow2",
+        "-O qcow2 -o cluster_size=512,refcount_bits=1 o.qcow2",
+        "-O qcow2 -f raw s.raw",
+        "-O qcow2 -o preallocation=full s.qcow2",
+        "-O qcow2 --object secret,id=s0,file=pw -o encrypt.format=luks,encrypt.key-secret=s0 s.qcow2",
+        "-O qcow2 -o extended_l2=on,refcount_bits=1 --size 10G",
+        "-O qcow2 -o compat=0.10 s.qcow2",
+        "-O qcow2 -o cluster_size=2M,refcount_bits=64 --size 100T",
+        "-O qcow2 -o backing_file=s.qcow2 s.qcow2",
+        "-O qcow2 x.qcow2",
+    ] {
+        assert_eq!(sh(&format!("{bin} measure {a}")), sh(&format!("qemu-img measure {a}")), "{a}");
+        assert_eq!(
+            sh(&format!("{bin} measure --output json {a}")),
+            sh(&format!("qemu-img measure --output=json {a}")),
+            "{a} json"
+        );
+    }
+}

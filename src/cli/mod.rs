@@ -16,6 +16,7 @@ pub mod generate;
 pub mod info;
 pub mod keyslot;
 pub mod map;
+pub mod measure;
 pub mod serve;
 pub mod systemd;
 pub mod tools;
@@ -47,6 +48,8 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Copy an image into a new raw, qcow2 or LUKS image (as `qemu-img convert`).
     Convert(convert::ConvertArgs),
+    /// How large a new image must be (as `qemu-img measure`).
+    Measure(measure::MeasureArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Map(args) => map::run(&args, &mut out)?,
         Command::Compare(args) => compare::run(&args, &mut out)?,
         Command::Convert(args) => convert::run(&args, &mut out)?,
+        Command::Measure(args) => measure::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
