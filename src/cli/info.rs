@@ -129,6 +129,10 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                 "format-specific".into(),
                 json!({"type": "qcow2", "data": Value::Object(data)}),
             );
+            let snaps = crate::qcow2::snapshot::read_table(&st, &h)?;
+            if !snaps.is_empty() {
+                v.insert("snapshots".into(), super::snapshot::info_json(&snaps));
+            }
             if let Some(b) = &h.backing_file {
                 v.insert("backing-filename".into(), json!(b));
                 v.insert(
@@ -242,6 +246,28 @@ fn write_human(path: &Path, v: &Value, out: &mut dyn Write) -> Result<(), ToolEr
     }
     if v.get("encrypted").is_some() {
         writeln!(out, "encrypted: yes")?;
+    }
+    if let Some(snaps) = v.get("snapshots").and_then(Value::as_array) {
+        writeln!(out, "Snapshot list:")?;
+        writeln!(out, "{}", super::snapshot::dump_line(None))?;
+        for j in snaps {
+            let n = |k: &str| j.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let t = |k: &str| j.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            let sn = crate::qcow2::snapshot::Snapshot {
+                l1_offset: 0,
+                l1_size: 0,
+                id: t("id"),
+                name: t("name"),
+                date_sec: u32::try_from(n("date-sec")).unwrap_or(0),
+                date_nsec: u32::try_from(n("date-nsec")).unwrap_or(0),
+                vm_clock_nsec: n("vm-clock-sec") * 1_000_000_000 + n("vm-clock-nsec"),
+                vm_state_size: n("vm-state-size"),
+                disk_size: None,
+                icount: j.get("icount").and_then(Value::as_u64),
+                unknown_extra: Vec::new(),
+            };
+            writeln!(out, "{}", super::snapshot::dump_line(Some(&sn)))?;
+        }
     }
     if let Some(data) = v
         .pointer("/format-specific/data")

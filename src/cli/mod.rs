@@ -18,6 +18,7 @@ pub mod keyslot;
 pub mod map;
 pub mod measure;
 pub mod serve;
+pub mod snapshot;
 pub mod systemd;
 pub mod tools;
 
@@ -50,6 +51,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// How large a new image must be (as `qemu-img measure`).
     Measure(measure::MeasureArgs),
+    /// List, create, apply or delete internal qcow2 snapshots (as `qemu-img snapshot`).
+    Snapshot(snapshot::SnapshotArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -81,6 +84,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Compare(args) => compare::run(&args, &mut out)?,
         Command::Convert(args) => convert::run(&args, &mut out)?,
         Command::Measure(args) => measure::run(&args, &mut out)?,
+        Command::Snapshot(args) => snapshot::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
