@@ -17,6 +17,7 @@ pub mod info;
 pub mod keyslot;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod serve;
 pub mod snapshot;
 pub mod systemd;
@@ -53,6 +54,8 @@ pub enum Command {
     Measure(measure::MeasureArgs),
     /// List, create, apply or delete internal qcow2 snapshots (as `qemu-img snapshot`).
     Snapshot(snapshot::SnapshotArgs),
+    /// Change the backing file of a qcow2 image (as `qemu-img rebase`).
+    Rebase(rebase::RebaseArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -85,6 +88,7 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Convert(args) => convert::run(&args, &mut out)?,
         Command::Measure(args) => measure::run(&args, &mut out)?,
         Command::Snapshot(args) => snapshot::run(&args, &mut out)?,
+        Command::Rebase(args) => rebase::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
