@@ -9,7 +9,6 @@ use serde_json::{json, Map, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::Header;
-use crate::storage::{FileStorage, OpenFlags};
 
 /// Arguments of `info`.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,13 +28,7 @@ pub struct InfoArgs {
 
 /// The facts `qemu-img info --output=json` reports, under its field names.
 pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError> {
-    let st = FileStorage::open(
-        path,
-        OpenFlags {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let st = super::tools::open_read_only(path)?;
     let format = match format {
         Some(f) => f,
         None => image::detect_format(&st)?,
