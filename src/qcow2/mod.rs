@@ -34,6 +34,8 @@ mod read;
 mod refs;
 mod repair;
 mod snapshot;
+pub mod snapshot_ops;
+pub mod stream;
 mod txn;
 pub mod types;
 mod write;
