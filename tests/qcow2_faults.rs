@@ -449,8 +449,16 @@ fn fault_case(sc: &Scenario, fault: Fault, n: u64, full: bool) -> Result<Option<
                 )),
             }
         }
-        // One more flush: after a failed last flush this one must make everything durable.
-        if let Err(e) = img.flush() {
+        // One more flush: after a failed last flush this one must make everything durable (and
+        // if the fault lands in this flush itself, the one after it).
+        let before = fs.fired();
+        let r = img.flush();
+        let r = if r.is_err() && !before && fs.fired() {
+            img.flush()
+        } else {
+            r
+        };
+        if let Err(e) = r {
             errors.push(format!("flush after the workload: {}", chain(&e)));
         }
     }));
