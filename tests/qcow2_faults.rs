@@ -758,16 +758,25 @@ fn soak_tag(round: u64, queue: u64, seq: u64, sector: u64) -> u64 {
         | (sector & 0x3_ffff)
 }
 
+/// A request of the soak client.
+#[derive(Clone, Copy)]
+enum SoakOp {
+    /// Offset, length, request number (in the tags).
+    Write(u64, u64, u64),
+    /// Offset, length: frees clusters, so that later writes allocate again.
+    Discard(u64, u64),
+    Flush,
+}
+
 /// One request of the soak client, stamped with a global clock at submission and completion.
 struct SoakReq {
-    /// (offset, len, seq) of a write; `None` for a flush.
-    write: Option<(u64, u64, u64)>,
+    op: SoakOp,
     submitted: u64,
     completed: Option<u64>,
 }
 
-/// Drives one queue at depth 1 until `stop`: writes of 4–64 KiB at random places in its half of
-/// the disk (sector-tagged), a flush after every 8th.
+/// Drives one queue at depth 1 until `stop`, in its half of the disk: writes of 4–64 KiB at
+/// random places (sector-tagged), a discard of 64–512 KiB every 16th request, a flush every 9th.
 fn soak_queue(
     mut q: blkio::Blkioq,
     buf: usize,
@@ -784,15 +793,20 @@ fn soak_queue(
     let mut seq = 0u64;
     while !stop.load(SeqCst) {
         seq += 1;
-        let write = if seq.is_multiple_of(9) {
-            None
+        let op = if seq.is_multiple_of(9) {
+            SoakOp::Flush
+        } else if seq.is_multiple_of(16) {
+            let n = rng.random_range(16..=128u64) * 8;
+            let start = queue * half + rng.random_range(0..(half - n) / 8) * 8;
+            SoakOp::Discard(start * 512, n * 512)
         } else {
             let n = rng.random_range(8..=128u64);
             let start = queue * half + rng.random_range(0..half - n);
-            Some((start * 512, n * 512, seq))
+            SoakOp::Write(start * 512, n * 512, seq)
         };
-        match write {
-            Some((off, len, seq)) => {
+        let submitted = clock.fetch_add(1, SeqCst);
+        match op {
+            SoakOp::Write(off, len, seq) => {
                 let p = buf as *mut u8;
                 // SAFETY: `buf` is this queue's own 64 KiB slice of the mapped region, idle
                 // between requests (depth 1).
@@ -806,30 +820,17 @@ fn soak_queue(
                         w.copy_from_slice(&t.to_le_bytes());
                     }
                 }
-                let submitted = clock.fetch_add(1, SeqCst);
-                q.write(
-                    off,
-                    p,
-                    usize::try_from(len).expect("len"),
-                    0,
-                    blkio::ReqFlags::empty(),
-                );
-                log.push(SoakReq {
-                    write,
-                    submitted,
-                    completed: None,
-                });
+                let len = usize::try_from(len).expect("len");
+                q.write(off, p, len, 0, blkio::ReqFlags::empty());
             }
-            None => {
-                let submitted = clock.fetch_add(1, SeqCst);
-                q.flush(0, blkio::ReqFlags::empty());
-                log.push(SoakReq {
-                    write: None,
-                    submitted,
-                    completed: None,
-                });
-            }
+            SoakOp::Discard(off, len) => q.discard(off, len, 0, blkio::ReqFlags::empty()),
+            SoakOp::Flush => q.flush(0, blkio::ReqFlags::empty()),
         }
+        log.push(SoakReq {
+            op,
+            submitted,
+            completed: None,
+        });
         // Wait for the completion, giving up when the daemon is gone.
         let mut done = [std::mem::MaybeUninit::uninit()];
         loop {
@@ -938,25 +939,35 @@ fn kill_soak(kills: u64) -> SoakFigures {
         let durable_before = logs
             .iter()
             .flatten()
-            .filter(|r| r.write.is_none())
+            .filter(|r| matches!(r.op, SoakOp::Flush))
             .filter_map(|r| r.completed.map(|_| r.submitted))
             .max();
         let mut allowed: Vec<Vec<u64>> = baseline.iter().map(|&t| vec![t]).collect();
         for (queue, log) in logs.iter().enumerate() {
             for r in log {
-                let Some((off, len, seq)) = r.write else {
-                    continue;
+                let (off, len, seq) = match r.op {
+                    SoakOp::Write(off, len, seq) => (off, len, Some(seq)),
+                    // Advisory: old data or zeroes, flushed or not.
+                    SoakOp::Discard(off, len) => (off, len, None),
+                    SoakOp::Flush => continue,
                 };
-                fig.writes += 1;
                 let durable = matches!((r.completed, durable_before), (Some(c), Some(d)) if c < d);
-                fig.flushed_writes += u64::from(durable);
+                if seq.is_some() {
+                    fig.writes += 1;
+                    fig.flushed_writes += u64::from(durable);
+                }
                 for s in off / 512..(off + len) / 512 {
-                    let t = soak_tag(round, queue as u64, seq, s);
                     let a = &mut allowed[usize::try_from(s).expect("s")];
-                    if durable {
-                        *a = vec![t];
-                    } else {
-                        a.push(t);
+                    match seq {
+                        Some(seq) => {
+                            let t = soak_tag(round, queue as u64, seq, s);
+                            if durable {
+                                *a = vec![t];
+                            } else {
+                                a.push(t);
+                            }
+                        }
+                        None => a.push(0),
                     }
                 }
             }
