@@ -375,22 +375,23 @@ fn main() {
     let key = dir.path().join("key");
     std::fs::write(&key, PASSPHRASE).expect("key");
     let aio = qsd_aio(dir.path());
+    // The template: created and prefilled once; each server start gets a fresh sparse copy, so
+    // the writer always allocates fresh clusters and /dev/shm holds one copy at a time.
+    let template = dir.path().join("template.qcow2");
     let image = dir.path().join("img.qcow2");
     let secret = format!("secret,id=sec0,data={PASSPHRASE}");
     run(Command::new("qemu-img")
         .args(["create", "-q", "--object", &secret, "-f", "qcow2", "-o"])
         .arg("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
-        .arg(&image)
+        .arg(&template)
         .arg(SIZE.to_string()));
     run(Command::new("qemu-io")
         .args(["--object", &secret, "--image-opts"])
         .arg(format!(
             "driver=qcow2,encrypt.key-secret=sec0,file.filename={}",
-            image.display()
+            template.display()
         ))
         .args(["-c", &format!("write -q -P 0x55 0 {}", opts.prefill)]));
-    // The writer walks never-written space after the reader's region, shared by both backends.
-    let cursor = AtomicU64::new(opts.prefill);
     // rows[backend][writer depth index] = per-rep (reader IOPS, writer MB/s)
     let depths = [0usize, 1, 16];
     let backends = [Backend::Ours, Backend::Qsd];
@@ -398,6 +399,12 @@ fn main() {
     for rep in 0..opts.reps {
         let order: Vec<usize> = if rep % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
         for b in order {
+            run(Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&template)
+                .arg(&image));
+            // The writer walks never-written space after the reader's region.
+            let cursor = AtomicU64::new(opts.prefill);
             let server = start(backends[b], &image, &key, dir.path(), aio);
             for (d, &depth) in depths.iter().enumerate() {
                 let (iops, mbs) = measure(&server.socket, &opts, depth, &cursor);
@@ -409,10 +416,13 @@ fn main() {
                 rows[b][d].1.push(mbs);
             }
             drop(server);
+            if cursor.load(Ordering::Relaxed) > SIZE {
+                eprintln!(
+                    "warning: the writer wrapped around: some writes were not to fresh clusters"
+                );
+            }
+            std::fs::remove_file(&image).expect("remove image");
         }
-    }
-    if cursor.load(Ordering::Relaxed) > SIZE {
-        eprintln!("warning: the writer wrapped around: later writes were not to fresh clusters");
     }
     println!(
         "qcow2_concurrency: qcow2+LUKS {} GiB in /dev/shm, {} MiB prefilled; qemu-storage-daemon aio={aio}, cache.direct=off; {} s per measurement, medians of {}; {}",
