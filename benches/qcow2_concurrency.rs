@@ -4,8 +4,9 @@
 //! depth 16 of data allocated beforehand; queue 0 writes fresh 64 KiB clusters (sequentially
 //! through never-written space) at depth 1, or 16, with a flush after every 32 writes. The
 //! figure is queue 1's IOPS with the writer running against its IOPS alone, for our daemon and
-//! for qemu-storage-daemon, back to back on the same image, alternating which goes first;
-//! medians of `--reps` repetitions.
+//! for qemu-storage-daemon, back to back on copies of the same image, alternating which goes
+//! first; medians of `--reps` repetitions (the percentage: the median of each repetition's
+//! ratio, alone and with the writer measured on the same server one after the other).
 //!
 //! Run: `cargo bench --bench qcow2_concurrency` (builds the daemon in the bench profile).
 //! Options after `--`: `--secs S` per measurement (default 3), `--warmup S` (0.5), `--reps N`
@@ -437,14 +438,17 @@ fn main() {
     );
     println!("|---|---|---|---|");
     for (b, backend) in backends.iter().enumerate() {
+        let solos = rows[b][0].0.clone();
         let solo = median(&mut rows[b][0].0);
         let mut cells = vec![format!("{solo:.0} IOPS")];
         for row in rows[b].iter_mut().skip(1) {
+            // The ratio of each repetition (same server, back to back), then the median.
+            let mut ratios: Vec<f64> = row.0.iter().zip(&solos).map(|(w, s)| w / s).collect();
             let iops = median(&mut row.0);
             let mbs = median(&mut row.1);
             cells.push(format!(
                 "{iops:.0} IOPS ({:.0}%; writer {mbs:.0} MB/s)",
-                100.0 * iops / solo
+                100.0 * median(&mut ratios)
             ));
         }
         let name = match backend {
