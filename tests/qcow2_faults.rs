@@ -687,6 +687,57 @@ fn workload_covers_the_claimed_paths() {
     }
 }
 
+/// The wrappers themselves: the N-th operation fails once (a short write lands its first half)
+/// over a real file, and a power loss keeps what was synced and may drop what was not.
+#[test]
+fn fault_and_power_loss_wrappers_do_what_they_claim() {
+    use vhost_user_qcow2::storage::{FileStorage, OpenFlags};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("f");
+    std::fs::write(&path, [0u8; 8192]).expect("file");
+    let file = FileStorage::open(&path, OpenFlags::default()).expect("open");
+    let fs = FaultStorage::new(Arc::new(file), Fault::ShortWrite);
+    fs.arm(1);
+    fs.write_at(&[1; 512], 0).expect("write 0 passes");
+    assert!(
+        fs.read_at(&mut [0; 512], 0).is_ok(),
+        "reads are not counted"
+    );
+    assert!(fs.write_at(&[2; 4096], 4096).is_err(), "write 1 fails");
+    assert!(fs.fired());
+    fs.write_at(&[3; 512], 512).expect("write 2 passes");
+    let got = std::fs::read(&path).expect("read");
+    assert_eq!(&got[..512], &[1; 512][..]);
+    assert_eq!(&got[512..1024], &[3; 512][..]);
+    assert_eq!(
+        &got[4096..6144],
+        &[2; 2048][..],
+        "the short write landed half"
+    );
+    assert_eq!(&got[6144..], &[0; 2048][..]);
+
+    let pl = PowerLossStorage::new(vec![0; 2048]);
+    pl.write_at(&[1; 512], 0).expect("write");
+    pl.sync().expect("sync");
+    pl.write_at(&[2; 1024], 512).expect("write");
+    let log = PowerLossLog::new(vec![0; 2048], pl.log());
+    let mut last = Vec::new();
+    log.for_each_cut(2, 1, |cut, cands| {
+        if cut == 0 {
+            assert_eq!(cands.len(), 1);
+            assert_eq!(cands[0].image, vec![0; 2048], "nothing synced yet");
+        }
+        last = cands;
+    });
+    assert_eq!(last.len(), 6, "dropped, kept, 2 subsets, 2 torn");
+    assert_eq!(&last[0].image[..512], &[1; 512][..], "synced data survives");
+    assert_eq!(&last[0].image[512..], &[0; 1536][..], "unsynced dropped");
+    assert_eq!(&last[1].image[512..1536], &[2; 1024][..], "unsynced kept");
+    for c in &last {
+        assert_eq!(&c.image[..512], &[1; 512][..], "{}", c.what);
+    }
+}
+
 // The CI versions below keep the debug-build run short on two busy cores: every operation index
 // and every cut point on the plain image; on the LUKS image (where debug-build crypto makes each
 // case several times slower) every 4th index / 6th cut. The ignored full sweep does everything.
