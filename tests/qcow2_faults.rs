@@ -744,7 +744,6 @@ fn fault_and_power_loss_wrappers_do_what_they_claim() {
 
 /// EIO at every operation and a short write at every write, plain image.
 #[test]
-#[ignore = "fails until the engine transactions land (issue 14)"]
 fn fault_at_every_operation_plain() {
     assert_sweeps(
         &make_images("plain", false),
@@ -756,7 +755,6 @@ fn fault_at_every_operation_plain() {
 
 /// EIO at every 4th operation, LUKS image.
 #[test]
-#[ignore = "fails until the engine transactions land (issue 14)"]
 fn fault_at_every_4th_operation_luks() {
     assert_sweeps(&make_images("luks", true), &[Fault::Eio], 4, false);
 }
@@ -764,14 +762,12 @@ fn fault_at_every_4th_operation_luks() {
 /// Power loss at every cut point, plain image: all dropped, all kept, one random subset of
 /// whole writes and one of torn 512-byte pieces.
 #[test]
-#[ignore = "fails until the engine transactions land (issue 14)"]
 fn power_loss_at_every_cut_plain() {
     assert_power_loss(&make_images("plain", false), 1, 1, false);
 }
 
 /// Power loss at every 6th cut point, LUKS image.
 #[test]
-#[ignore = "fails until the engine transactions land (issue 14)"]
 fn power_loss_at_every_6th_cut_luks() {
     assert_power_loss(&make_images("luks", true), 1, 6, false);
 }

@@ -298,9 +298,11 @@ impl Refcounts {
         self.blocks.insert(off, blk);
         self.table[bi_usize] = off;
         self.layout_gen += 1;
+        let mut counted = false;
         let r = (|| {
             if !self_cover {
                 self.update(storage, c, true)?;
+                counted = true;
             }
             // The block (and its own refcount) must be durable before the table points at it.
             storage.sync()?;
@@ -310,9 +312,15 @@ impl Refcounts {
             Ok(off)
         })();
         if r.is_err() {
-            // Memory follows the disk: the table does not point at the block (a leak at worst).
+            // Memory follows the disk: the table does not point at the block, whose own count
+            // is given back.
             self.table[bi_usize] = 0;
             self.blocks.remove(&off);
+            if counted {
+                if let Err(e) = self.update(storage, c, false) {
+                    log::warn!("cannot give back a refcount block's cluster: {e}");
+                }
+            }
         }
         r
     }
@@ -344,12 +352,7 @@ impl Refcounts {
     ) -> Result<(), Error> {
         let nclusters = (want / per_cluster) as u64;
         let c = self.find_free(storage, nclusters)?;
-        for i in 0..nclusters {
-            self.update(storage, c + i, true)?;
-        }
         let new_off = c << self.cluster_bits;
-        super::codec::write(storage, new_off, &self.table)?;
-        storage.sync()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
         hdr[8..].copy_from_slice(
@@ -357,8 +360,34 @@ impl Refcounts {
                 .map_err(|_| Error::TooLarge)?
                 .to_be_bytes(),
         );
-        storage.write_at(&hdr, OFF_REFCOUNT_TABLE)?;
-        storage.sync()?;
+        let mut counted = 0;
+        let r = (|| {
+            for i in 0..nclusters {
+                self.update(storage, c + i, true)?;
+                counted += 1;
+            }
+            super::codec::write(storage, new_off, &self.table)?;
+            storage.sync()?;
+            storage.write_at(&hdr, OFF_REFCOUNT_TABLE)?;
+            storage.sync()?;
+            Ok::<(), Error>(())
+        })();
+        if let Err(e) = r {
+            // Switched after all if the header says so (a failed sync after the write);
+            // otherwise the new table's clusters are given back (no leak).
+            let mut now = [0u8; 8];
+            let switched = counted == nclusters
+                && storage.read_at(&mut now, OFF_REFCOUNT_TABLE).is_ok()
+                && now == hdr[..8];
+            if !switched {
+                for i in 0..counted {
+                    if let Err(e2) = self.update(storage, c + i, false) {
+                        log::warn!("cannot give back a refcount-table cluster: {e2}");
+                    }
+                }
+                return Err(e);
+            }
+        }
         let (old_off, old_clusters) = self.table_location();
         self.table_offset = new_off;
         self.disk_entries = want;
@@ -419,6 +448,28 @@ impl Refcounts {
             return Err(Error::ReadOnly);
         }
         let c = self.find_free(storage, n)?;
+        let mut done = 0;
+        if let Err(e) = self.alloc_at(storage, c, n, &mut done) {
+            // Give back what was counted (a leak otherwise); memory follows the disk.
+            for x in c..c + done {
+                if let Err(e2) = self.set(storage, x, 0) {
+                    log::warn!("cannot give back cluster {x}: {e2}");
+                }
+            }
+            return Err(e);
+        }
+        Ok(c << self.cluster_bits)
+    }
+
+    /// Sets the refcounts of `c..c+n` to 1, one write per block; `done` counts the clusters
+    /// whose count reached the file.
+    fn alloc_at(
+        &mut self,
+        storage: &dyn Storage,
+        c: u64,
+        n: u64,
+        done: &mut u64,
+    ) -> Result<(), Error> {
         // Batch the entry writes per block.
         let mut i = 0;
         while i < n {
@@ -435,6 +486,8 @@ impl Refcounts {
             for x in cl..upto {
                 let idx = usize::try_from(x & mask).map_err(|_| Error::TooLarge)?;
                 if Self::entry(order, b, idx) != 0 {
+                    // Entries set above in this block never reached the file.
+                    self.blocks.remove(&off);
                     return Err(Error::BadOffset {
                         what: "allocating a cluster in use",
                         offset: x,
@@ -447,8 +500,9 @@ impl Refcounts {
             let bytes = b[lo..hi].to_vec();
             self.write_block_bytes(storage, off, lo, &bytes)?;
             i = upto - c;
+            *done = i;
         }
-        Ok(c << self.cluster_bits)
+        Ok(())
     }
 
     /// Decrements the refcount of every cluster overlapping `offset..offset+len`; appends the

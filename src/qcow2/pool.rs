@@ -8,7 +8,7 @@
 //! gate): a reference on disk never points at a cluster with refcount 0, and a freed cluster
 //! is never reused or punched under a running request.
 
-use super::metadata::Meta;
+use super::metadata::{Meta, PendingFree};
 use super::{Qcow2, Result};
 
 /// Size of the data-cluster reserve pool: at most this many clusters / bytes.
@@ -123,8 +123,24 @@ impl Qcow2 {
                 .map(|f| (f.offset, f.len))
                 .chain(pool.iter().map(|&c| (c, cs)));
             for (off, len) in ranges {
-                if let Err(e) = m.rc.free(st, off, len, &mut freed) {
-                    log::warn!("cannot free cluster at {off:#x}: {e}");
+                // Cluster by cluster: one that cannot be decremented now (its refcount block
+                // could not be written) stays queued for the next flush, not leaked.
+                let first = off >> self.geo.cluster_bits;
+                let last = (off + len - 1) >> self.geo.cluster_bits;
+                for c in first..=last {
+                    let at = c << self.geo.cluster_bits;
+                    match m.rc.free(st, at, cs, &mut freed) {
+                        Ok(()) => {}
+                        Err(e @ super::Error::Storage(_)) => {
+                            log::warn!("cannot free cluster at {at:#x} yet: {e}");
+                            m.pending_frees.push(PendingFree {
+                                offset: at,
+                                len: cs,
+                                seq: 0,
+                            });
+                        }
+                        Err(e) => log::warn!("cannot free cluster at {at:#x}: {e}"),
+                    }
                 }
             }
         }

@@ -39,10 +39,11 @@ impl Qcow2 {
                     entry: (host + i * cs) | COPIED,
                     bitmap: ALL_ALLOCATED,
                     drops: None,
+                    reserved: None,
                 })
                 .collect();
             self.commit_entries(&mut self.meta_w(), &ups)
-                .map_err(|(_, e)| e)?;
+                .map_err(|f| f.error)?;
             gc += n;
         }
         if st.len()? < end_of_data {

@@ -18,6 +18,14 @@ use super::engine::to_usize;
 use super::metadata::{Meta, PendingFree, COPIED, OFFSET_MASK};
 use super::{Error, Qcow2, Result};
 
+/// A commit that failed: the error, and the updates known not to be on disk (the others are
+/// on disk, or uncertain).
+#[derive(Debug)]
+pub(super) struct CommitFailed {
+    pub error: Error,
+    pub unapplied: Vec<usize>,
+}
+
 /// One L2 entry change.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct EntryUpdate {
@@ -28,6 +36,8 @@ pub(super) struct EntryUpdate {
     pub bitmap: u64,
     /// The host range whose reference this change drops (freed after the next barrier).
     pub drops: Option<(u64, u64)>,
+    /// The pool cluster this change points at, given back if the change never reaches the file.
+    pub reserved: Option<u64>,
 }
 
 impl Qcow2 {
@@ -141,14 +151,15 @@ impl Qcow2 {
 
     /// Writes `ups` (in guest order; their L2 tables writable, their clusters busy for the
     /// caller) to the file, run by run, and applies each run in memory once it is written,
-    /// queueing the references it drops. On a failed write the cached table is dropped (it is
-    /// read again from the file on next use) and `Err((k, e))` says that `ups[k..]` may or may
-    /// not be on disk.
+    /// queueing the references it drops. After a failed write the run is read back: entries
+    /// that reached the file are applied, those that did not are reported unapplied (as is
+    /// every later run); if the file cannot say, the run's entries are uncertain. Either way
+    /// the cached table is dropped (read again from the file on next use).
     pub(super) fn commit_entries(
         &self,
         m: &mut Meta,
         ups: &[EntryUpdate],
-    ) -> std::result::Result<(), (usize, Error)> {
+    ) -> std::result::Result<(), CommitFailed> {
         let words = self.geo.entry_words();
         let mut k = 0;
         while k < ups.len() {
@@ -164,13 +175,13 @@ impl Qcow2 {
             let l2 = match m.l1.get(first.l1i) {
                 Some(&e) if e & COPIED != 0 && e & OFFSET_MASK != 0 => e & OFFSET_MASK,
                 _ => {
-                    return Err((
-                        k,
-                        Error::BadOffset {
+                    return Err(CommitFailed {
+                        error: Error::BadOffset {
                             what: "L2 table not writable at commit",
                             offset: 0,
                         },
-                    ))
+                        unapplied: (k..ups.len()).collect(),
+                    })
                 }
             };
             let mut vals = Vec::with_capacity(run.len() * words);
@@ -181,23 +192,40 @@ impl Qcow2 {
                 }
             }
             let at = l2 + (first.l2i * words) as u64 * 8;
-            if let Err(e) = codec::write(self.storage.as_ref(), at, &vals) {
-                m.l2.remove(l2);
-                return Err((k, e));
-            }
-            let seq = m.free_seq;
-            for u in run {
-                if let Some((offset, len)) = u.drops {
-                    m.pending_frees.push(PendingFree { offset, len, seq });
+            if let Err(error) = codec::write(self.storage.as_ref(), at, &vals) {
+                let mut unapplied: Vec<usize> = (end..ups.len()).collect();
+                if let Ok(disk) = codec::read(self.storage.as_ref(), at, vals.len() as u64) {
+                    for (i, u) in run.iter().enumerate() {
+                        let w = i * words..(i + 1) * words;
+                        if disk[w.clone()] == vals[w.clone()] {
+                            self.apply_entries(m, l2, std::slice::from_ref(u), &vals[w]);
+                        } else {
+                            unapplied.push(k + i);
+                        }
+                    }
                 }
+                m.l2.remove(l2);
+                return Err(CommitFailed { error, unapplied });
             }
-            if let Some(t) = m.l2.get_mut(l2) {
-                let w = first.l2i * words;
-                t[w..w + vals.len()].copy_from_slice(&vals);
-            }
+            self.apply_entries(m, l2, run, &vals);
             k = end;
         }
         Ok(())
+    }
+
+    /// Applies entry updates that are on disk: queues the references they drop and updates
+    /// the cached table (if cached).
+    fn apply_entries(&self, m: &mut Meta, l2: u64, run: &[EntryUpdate], vals: &[u64]) {
+        let seq = m.free_seq;
+        for u in run {
+            if let Some((offset, len)) = u.drops {
+                m.pending_frees.push(PendingFree { offset, len, seq });
+            }
+        }
+        if let (Some(t), Some(first)) = (m.l2.get_mut(l2), run.first()) {
+            let w = first.l2i * self.geo.entry_words();
+            t[w..w + vals.len()].copy_from_slice(vals);
+        }
     }
 
     /// L1 index of guest cluster `gc`.

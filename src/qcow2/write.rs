@@ -260,10 +260,22 @@ impl Qcow2 {
                         entry,
                         bitmap: nb,
                         drops: None,
+                        reserved: None,
                     });
                 }
                 Op::Alloc { new, entry, bitmap } => {
                     let cmap = Mapping::decode(entry, &self.geo)?;
+                    // The new cluster replaces content (of its own, or copied in): it must be
+                    // durable before an L2 entry points at it, or a crash could expose
+                    // neither the old content nor the new.
+                    // Encrypted, even a fresh cluster: its unwritten sectors would decrypt to
+                    // garbage rather than read as the zeroes they replace.
+                    need_sync |= self.crypt.is_some()
+                        || match cmap {
+                            Mapping::Zero { .. } => false,
+                            Mapping::Unallocated => self.backing.is_some(),
+                            Mapping::Data { .. } | Mapping::Compressed { .. } => true,
+                        };
                     let new_bitmap = if s.n == cs {
                         self.write_data(HostOffset(new), GuestOffset(gc_off), &src)?;
                         ALL_ALLOCATED
@@ -274,13 +286,6 @@ impl Qcow2 {
                         } else {
                             self.content(cmap, gc_off, &mut buf)?;
                             0
-                        };
-                        // Copy-on-write: the new cluster carries old content that must be
-                        // durable before an L2 entry points at it.
-                        need_sync |= match cmap {
-                            Mapping::Zero { .. } => false,
-                            Mapping::Unallocated => self.backing.is_some(),
-                            Mapping::Data { .. } | Mapping::Compressed { .. } => true,
                         };
                         let i = to_usize(inc)?;
                         copy_from(&src, &mut buf[i..i + to_usize(s.n)?]);
@@ -299,6 +304,7 @@ impl Qcow2 {
                         entry: new | COPIED,
                         bitmap: new_bitmap,
                         drops,
+                        reserved: (!self.geo.data_file).then_some(new),
                     });
                 }
             }
@@ -317,13 +323,15 @@ impl Qcow2 {
     fn finish_write(&self, steps: &[Step], done: Result<Vec<EntryUpdate>>) -> Result<()> {
         let mut m = self.meta_w();
         let r = match done {
-            Ok(ups) => self.commit_entries(&mut m, &ups).map_err(|(k, e)| {
-                log::warn!(
-                    "write commit failed after {k} of {} entries: {e}",
-                    ups.len()
-                );
-                // The clusters of the uncertain entries stay allocated: a leak at worst.
-                e
+            Ok(ups) => self.commit_entries(&mut m, &ups).map_err(|f| {
+                // Entries known not to be on disk give their clusters back; the clusters of
+                // uncertain ones stay allocated (a leak at worst).
+                for &k in &f.unapplied {
+                    if let Some(c) = ups.get(k).and_then(|u| u.reserved) {
+                        m.pool.push(c);
+                    }
+                }
+                f.error
             }),
             Err(e) => {
                 self.unreserve(&mut m, steps);

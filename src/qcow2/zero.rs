@@ -143,6 +143,7 @@ impl Qcow2 {
                     entry: new,
                     bitmap: new_bitmap,
                     drops,
+                    reserved: None,
                 });
             }
             if let Some(l1i) = need_l2 {
@@ -150,7 +151,7 @@ impl Qcow2 {
                 self.prepare_l2(l1i)?;
                 continue;
             }
-            return self.commit_entries(&mut m, &ups).map_err(|(_, e)| e);
+            return self.commit_entries(&mut m, &ups).map_err(|f| f.error);
         }
     }
 }
