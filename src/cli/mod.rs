@@ -6,12 +6,14 @@
 use clap::{Parser, Subcommand};
 use thiserror::Error;
 
+pub mod access;
 pub mod check;
 pub mod create;
 pub mod encrypt;
 pub mod info;
 pub mod keyslot;
 pub mod serve;
+pub mod socket;
 pub mod tools;
 
 /// vhost-user-blk backend serving raw, qcow2 and LUKS-encrypted images.
