@@ -16,6 +16,7 @@ use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 use common::{spawn_serve, wait_timeout, Daemon, BIN};
 
 const MIB: u64 = 1 << 20;
+const MIB_US: usize = 1 << 20;
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
@@ -81,7 +82,7 @@ impl Client {
         blkio.connect().expect("connect");
         blkio.set_i32("num-queues", 1).expect("num-queues");
         let mut out = blkio.start().expect("start");
-        let region = blkio.alloc_mem_region(MIB as usize).expect("region");
+        let region = blkio.alloc_mem_region(MIB_US).expect("region");
         blkio.map_mem_region(&region).expect("map");
         Client {
             q: out.queues.remove(0),
@@ -130,7 +131,7 @@ fn data_file_image(dir: &Path) -> (PathBuf, PathBuf) {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-o", &opt, p(&img), "1M"],
     );
-    std::fs::write(&victim, vec![0x5au8; MIB as usize]).expect("victim");
+    std::fs::write(&victim, vec![0x5au8; MIB_US]).expect("victim");
     (img, victim)
 }
 
@@ -150,7 +151,7 @@ fn data_file_named_by_the_image_is_never_opened_without_consent() {
     }
     assert_eq!(
         std::fs::read(&victim).expect("victim"),
-        vec![0x5au8; MIB as usize]
+        vec![0x5au8; MIB_US]
     );
     // A data file on an image without one is a mistake too.
     let plain = dir.path().join("plain.qcow2");
@@ -461,7 +462,7 @@ fn second_serve_on_a_live_socket_leaves_the_once_daemon_its_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = common::make_image(dir.path(), 8 * MIB);
     let other = dir.path().join("other.img");
-    std::fs::write(&other, vec![0u8; MIB as usize]).expect("other");
+    std::fs::write(&other, vec![0u8; MIB_US]).expect("other");
     let sock = dir.path().join("s.sock");
     let mut first = spawn_serve(&sock, &img, &["--once", "--format", "raw"]);
     wait_for_path(&sock);
