@@ -12,6 +12,7 @@ pub mod create;
 pub mod encrypt;
 pub mod info;
 pub mod keyslot;
+pub mod log_filter;
 pub mod serve;
 pub mod socket;
 pub mod tools;
