@@ -36,8 +36,8 @@ pub struct ServeArgs {
         required_unless_present = "print_capabilities"
     )]
     pub image: Option<PathBuf>,
-    /// Image format: raw, qcow2 or luks (default: detect from the magic; give `raw` for a raw
-    /// image a guest could have written a qcow2 or LUKS header into).
+    /// Image format: raw, qcow2 or luks (default: detect from the magic; a detected raw image
+    /// then refuses guest writes that would make it detect as qcow2 or LUKS, as QEMU does).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
     /// Whether a qcow2 image may open its backing files (as QEMU does by default).
