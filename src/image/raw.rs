@@ -55,11 +55,35 @@ impl RawImage {
             head[pos..pos + n].copy_from_slice(&b[..n]);
             pos += n;
         }
+        if let Some(format) = foreign_format(&head) {
+            return Err(ImageError::ProbedFormatChange { format });
+        }
         match super::detect_format(&crate::storage::MemStorage::new(head))? {
             super::Format::Raw => Ok(()),
             f => Err(ImageError::ProbedFormatChange { format: f.name() }),
         }
     }
+}
+
+/// Formats we never open but QEMU probes from the first sector: a probed raw image must not
+/// turn into one of them either, or a QEMU tool that probes the file later would follow it.
+fn foreign_format(head: &[u8]) -> Option<&'static str> {
+    const MAGICS: [(&[u8], &str); 9] = [
+        (b"QED\0", "qed"),
+        (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk"),
+        (b"# Disk DescriptorFile", "vmdk"),
+        (b"vhdxfile", "vhdx"),
+        (b"conectix", "vpc"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+        (b"Bochs Virtual HD Image", "bochs"),
+    ];
+    if let Some((_, f)) = MAGICS.iter().find(|(m, _)| head.starts_with(m)) {
+        return Some(f);
+    }
+    // VDI: signature 0xbeda107f (little-endian) at byte 64.
+    (head.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe][..])).then_some("vdi")
 }
 
 /// Bytes at the start of the disk that decide what the image probes as (QEMU's
@@ -164,6 +188,15 @@ mod tests {
         l[..6].copy_from_slice(b"LUKS\xba\xbe");
         l[6..8].copy_from_slice(&1u16.to_be_bytes());
         assert!(img.write(0, &[IoSlice::new(&l)]).is_err());
+        // Formats QEMU probes that we never open.
+        for magic in [&b"QED\0"[..], b"KDMV", b"vhdxfile", b"conectix"] {
+            let mut f = vec![0u8; 512];
+            f[..magic.len()].copy_from_slice(magic);
+            assert!(img.write(0, &[IoSlice::new(&f)]).is_err(), "{magic:?}");
+        }
+        let mut vdi = vec![0u8; 512];
+        vdi[64..68].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        assert!(img.write(0, &[IoSlice::new(&vdi)]).is_err());
         // An MBR or any other sector 0 is fine, and so are writes elsewhere.
         let mut mbr = vec![0u8; 512];
         mbr[510] = 0x55;
