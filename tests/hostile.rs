@@ -288,6 +288,43 @@ fn qemu_tools_are_refused_while_we_serve_except_read_only_with_u() {
 }
 
 #[test]
+fn backing_file_is_read_locked_while_we_serve_the_overlay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&base), "8M"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "qcow2",
+            p(&top),
+        ],
+    );
+    let sock = dir.path().join("s.sock");
+    let mut d = spawn_serve(&sock, &top, &[]);
+    wait_for_path(&sock);
+    // Nobody may write the backing file under us; reading it (as another overlay's base) is fine.
+    let o = qemu("qemu-io", &["-c", "write 0 512", p(&base)]);
+    assert!(!o.status.success(), "qemu-io wrote to our backing file");
+    assert!(
+        stderr(&o).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr(&o)
+    );
+    let o = qemu("qemu-io", &["-r", "-c", "read 0 512", p(&base)]);
+    assert!(o.status.success(), "reading the base: {}", stderr(&o));
+    d.kill().expect("kill");
+    d.wait().expect("wait");
+}
+
+#[test]
 fn a_second_daemon_is_refused_unless_read_only_force_share() {
     let d = Daemon::start(8 * MIB, &["--format", "raw"]);
     let sock2 = d.dir.path().join("second.sock");
