@@ -318,7 +318,8 @@ pub fn is_listening(ino: u64, dev: u64) -> io::Result<bool> {
                         if aty == UNIX_DIAG_VFS && alen >= 12 {
                             let vino = u32_at(msg, a + 4).ok_or_else(bad)?;
                             let vdev = u32_at(msg, a + 8).ok_or_else(bad)?;
-                            if u64::from(vino) == ino && u64::from(vdev) == want_dev {
+                            // The kernel reports the inode number truncated to 32 bits.
+                            if u64::from(vino) == ino & 0xffff_ffff && u64::from(vdev) == want_dev {
                                 return Ok(true);
                             }
                         }
