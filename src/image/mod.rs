@@ -16,6 +16,8 @@ use crate::storage::{self, FileStorage, OpenFlags, Storage, StorageError};
 pub mod crypt;
 mod locked;
 pub mod luks;
+#[cfg(test)]
+mod open_tests;
 pub mod qcow2;
 pub mod raw;
 
