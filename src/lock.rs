@@ -21,11 +21,21 @@
 //! # API (for serve, the tools, and migration hand-over)
 //! * [`ImageLock::acquire`] takes the locks for one open file with the given [`Perms`]
 //!   (the file is `dup`ed; the lock lives on the same open file description as the I/O fd).
-//! * [`ImageLock::downgrade`] drops write and resize (e.g. a migration source that stops
-//!   writing, so that the destination can take the write lock); [`ImageLock::change`] moves to
-//!   any other set of permissions, checking for conflicts first and restoring the old locks if
-//!   the new ones conflict; [`ImageLock::release`] unlocks at once (dropping does the same).
+//! * [`ImageLock::downgrade`] drops write and resize (a writer turning read-only);
+//!   [`ImageLock::change`] moves to any other set of permissions, checking for conflicts first
+//!   and restoring the old locks if the new ones conflict; [`ImageLock::release`] unlocks at once
+//!   (dropping does the same).
 //! * [`LockSet`] does the same for every file an image opened (image, backing chain, data file).
+//!
+//! # Migration hand-over (as QEMU's inactivate / activate)
+//! The destination opens the image with `image::Locking::Inactive`: every file gets an
+//! [`ImageLock`] that holds nothing yet ([`Perms::INACTIVE`]) but remembers what it needs. When
+//! the source has stopped writing it calls [`LockSet::inactivate`] (holds nothing, shares
+//! everything); the destination then calls [`LockSet::activate`], which takes the remembered
+//! permissions or fails with [`LockError::Conflict`] if the source (or anyone) still holds them.
+//! A failed hand-over is undone with `activate` on the source. Locks only arbitrate: metadata a
+//! destination read before `activate` may be stale (QEMU invalidates its caches at activation),
+//! so read it again, or open the image only after the hand-over.
 
 use std::fmt;
 use std::fs::File;
@@ -85,6 +95,11 @@ impl Perms {
         perm: PERM_CONSISTENT_READ,
         shared: PERM_ALL,
     };
+    /// Holds nothing, shares everything (QEMU's inactive image during migration).
+    pub const INACTIVE: Perms = Perms {
+        perm: 0,
+        shared: PERM_ALL,
+    };
 }
 
 /// Errors of image locking.
@@ -122,7 +137,10 @@ pub enum LockError {
 pub struct ImageLock {
     file: File,
     path: PathBuf,
+    /// Held now.
     perms: Perms,
+    /// Held when active (what [`ImageLock::activate`] takes).
+    active: Perms,
 }
 
 impl fmt::Debug for ImageLock {
@@ -155,20 +173,35 @@ impl ImageLock {
     /// Fails with [`LockError::Conflict`] if another open of the file conflicts, leaving no
     /// lock of ours behind.
     pub fn acquire(file: &File, path: &Path, perms: Perms) -> Result<Self, LockError> {
+        let mut lock = Self::acquire_inactive(file, path, perms)?;
+        lock.activate()?;
+        Ok(lock)
+    }
+
+    /// Keeps `file` ready for locking with `perms` but holds nothing yet (a migration
+    /// destination before the hand-over); [`ImageLock::activate`] takes them.
+    pub fn acquire_inactive(file: &File, path: &Path, perms: Perms) -> Result<Self, LockError> {
         let file = file.try_clone().map_err(|source| LockError::Dup {
             path: path.to_owned(),
             source,
         })?;
-        let mut lock = ImageLock {
+        Ok(ImageLock {
             file,
             path: path.to_owned(),
-            perms: Perms {
-                perm: 0,
-                shared: PERM_ALL,
-            },
-        };
-        lock.change(perms)?;
-        Ok(lock)
+            perms: Perms::INACTIVE,
+            active: perms,
+        })
+    }
+
+    /// Takes the permissions this lock was made for.
+    pub fn activate(&mut self) -> Result<(), LockError> {
+        self.change(self.active)
+    }
+
+    /// Holds nothing and shares everything (a migration source that stopped writing);
+    /// [`ImageLock::activate`] takes the permissions back.
+    pub fn inactivate(&mut self) -> Result<(), LockError> {
+        self.change(Perms::INACTIVE)
     }
 
     /// The permissions held now.
@@ -216,14 +249,8 @@ impl ImageLock {
     }
 
     fn unlock_all(&mut self) {
-        let _ = self.apply(Perms {
-            perm: 0,
-            shared: PERM_ALL,
-        });
-        self.perms = Perms {
-            perm: 0,
-            shared: PERM_ALL,
-        };
+        let _ = self.apply(Perms::INACTIVE);
+        self.perms = Perms::INACTIVE;
     }
 
     fn set(&self, byte: i64, locked: bool) -> Result<(), LockError> {
@@ -318,6 +345,25 @@ impl LockSet {
         Ok(())
     }
 
+    /// Migration source: hold nothing, share everything, on every file.
+    pub fn inactivate(&mut self) -> Result<(), LockError> {
+        self.locks.iter_mut().try_for_each(ImageLock::inactivate)
+    }
+
+    /// Migration destination (or a source taking the image back): take every file's
+    /// permissions; on a conflict the files already activated are inactivated again.
+    pub fn activate(&mut self) -> Result<(), LockError> {
+        for i in 0..self.locks.len() {
+            if let Err(e) = self.locks[i].activate() {
+                for l in &mut self.locks[..i] {
+                    let _ = l.inactivate();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Unlocks everything now.
     pub fn release(self) {
         drop(self);
@@ -382,6 +428,25 @@ mod tests {
         r1.release();
         drop(r2);
         ImageLock::acquire(&w, &p, Perms::WRITE).expect("writer after release");
+    }
+
+    #[test]
+    fn migration_hand_over_inactivate_then_activate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, f) = file(dir.path());
+        let mut src = LockSet::new();
+        src.push(ImageLock::acquire(&f, &p, Perms::WRITE).expect("source"));
+        let mut dst = LockSet::new();
+        dst.push(ImageLock::acquire_inactive(&reopen(&p), &p, Perms::WRITE).expect("dest"));
+        // The destination cannot take over while the source writes, and stays inactive.
+        assert!(dst.activate().is_err());
+        assert_eq!(dst.locks()[0].perms(), Perms::INACTIVE);
+        src.inactivate().expect("source inactive");
+        dst.activate().expect("destination active");
+        assert_eq!(dst.locks()[0].perms(), Perms::WRITE);
+        // The source cannot take it back now.
+        assert!(src.activate().is_err());
+        assert_eq!(src.locks()[0].perms(), Perms::INACTIVE);
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub enum Locking {
     On,
     /// qemu-img's `-U`/`--force-share`: read-only, shares everything.
     ForceShare,
+    /// Ready to lock as [`Locking::On`] but holding nothing until
+    /// [`crate::lock::LockSet::activate`] (a migration destination; see [`crate::lock`]).
+    Inactive,
 }
 
 /// Options for [`open`].
@@ -263,12 +266,15 @@ pub fn open_file_locked(
     let perms = match (locking, read_only) {
         (Locking::Off, _) => None,
         (Locking::ForceShare, _) => Some(Perms::FORCE_SHARE),
-        (Locking::On, true) => Some(Perms::READ),
-        (Locking::On, false) => Some(Perms::WRITE),
+        (Locking::On | Locking::Inactive, true) => Some(Perms::READ),
+        (Locking::On | Locking::Inactive, false) => Some(Perms::WRITE),
     };
     let lock = match perms {
-        Some(p) => Some(ImageLock::acquire(&file, path, p)?),
         None => None,
+        Some(p) if locking == Locking::Inactive => {
+            Some(ImageLock::acquire_inactive(&file, path, p)?)
+        }
+        Some(p) => Some(ImageLock::acquire(&file, path, p)?),
     };
     Ok((
         FileStorage::from_file(file, path.display().to_string()),

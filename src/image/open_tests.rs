@@ -77,3 +77,23 @@ fn locks_go_with_the_image_and_force_share_needs_read_only() {
     drop(opened);
     open_with_secret(&img, &locked(false), None).expect("writer after the first closed");
 }
+
+#[test]
+fn inactive_open_takes_its_locks_only_on_activate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("a.qcow2");
+    qcow2(&img, None);
+    let (_src, mut src_locks) = open_locked(&img, &locked(false), None).expect("source");
+    let inactive = OpenOptions {
+        locking: Locking::Inactive,
+        ..Default::default()
+    };
+    let (_dst, mut dst_locks) = open_locked(&img, &inactive, None).expect("destination opens");
+    assert!(
+        dst_locks.activate().is_err(),
+        "taken while the source writes"
+    );
+    src_locks.inactivate().expect("source lets go");
+    dst_locks.activate().expect("destination takes over");
+    assert_eq!(dst_locks.locks()[0].perms(), Perms::WRITE);
+}
