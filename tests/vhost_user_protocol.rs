@@ -131,7 +131,8 @@ impl Vq {
         fe.set_features(want).expect("set_features");
         let pf = fe.get_protocol_features().expect("protocol features");
         assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
-        assert!(!pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        // Our own handler serves in-flight tracking (vhost-user-backend 0.24 could not).
+        assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
         fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ)
             .expect("set protocol features");
         let base = mem.ptr as u64;

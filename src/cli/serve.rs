@@ -16,8 +16,8 @@ use clap::Args;
 use thiserror::Error;
 
 use crate::image::{self, BlockImage, ImageError, OpenOptions};
-use crate::vhost_user::backend::{BackendError, BlkOptions};
 use crate::vhost_user::{self, DaemonError};
+use crate::virtio_blk::device::{BlkDevice, BlkOptions, DeviceError};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -115,7 +115,7 @@ pub enum ServeError {
         source: io::Error,
     },
     #[error("invalid options")]
-    Options(#[source] BackendError),
+    Options(#[source] DeviceError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -193,9 +193,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     })?);
     drop(secret);
     // Validate the options against the image before creating the socket.
-    let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
-    crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
-        .map_err(ServeError::Options)?;
+    let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 
     let (listener, guard) = match (&args.socket_path, args.fd) {
         (Some(path), _) => {
@@ -217,7 +215,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
-    let r = vhost_user::serve(listener, image, &opts, args.once);
+    let r = vhost_user::serve(listener, dev, args.once);
     drop(guard);
     Ok(r?)
 }
