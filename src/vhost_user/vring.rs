@@ -159,7 +159,7 @@ impl Iterator for HeadChain<'_> {
 
 impl WorkerCtx {
     fn run(mut self) -> u16 {
-        log::debug!(
+        log::info!(
             "queue {} started at avail {}",
             self.setup.index,
             self.setup.queue.next_avail()
@@ -176,6 +176,7 @@ impl WorkerCtx {
                 revents: 0,
             },
         ];
+        let mut signalled_once = false;
         loop {
             if self.stop.load(Ordering::Acquire) {
                 break;
@@ -183,6 +184,14 @@ impl WorkerCtx {
             if self.setup.enabled.load(Ordering::Acquire) {
                 self.resubmit();
                 self.drain();
+                if !signalled_once {
+                    // A previous instance may have published completions and died before
+                    // signalling them; with EVENT_IDX the guest would then never hear of them.
+                    // One interrupt on (re)start makes it look at the used ring; a spurious one
+                    // is harmless.
+                    self.signal();
+                    signalled_once = true;
+                }
             }
             fds[0].revents = 0;
             fds[1].revents = 0;
@@ -208,7 +217,7 @@ impl WorkerCtx {
             }
         }
         let next = self.setup.queue.next_avail();
-        log::debug!("queue {} stopped at avail {next}", self.setup.index);
+        log::info!("queue {} stopped at avail {next}", self.setup.index);
         next
     }
 
@@ -324,15 +333,20 @@ impl WorkerCtx {
 
     fn notify(&mut self, mem: &GuestMemoryMmap<()>) {
         if self.setup.queue.needs_notification(mem).unwrap_or(true) {
-            let call = self
-                .setup
-                .call
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            if let Some(fd) = call.as_ref() {
-                if let Err(e) = fd.write(1) {
-                    log::error!("queue {}: cannot signal the guest: {e}", self.setup.index);
-                }
+            self.signal();
+        }
+    }
+
+    /// Interrupts the guest (writes the call eventfd, if there is one).
+    fn signal(&self) {
+        let call = self
+            .setup
+            .call
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(fd) = call.as_ref() {
+            if let Err(e) = fd.write(1) {
+                log::error!("queue {}: cannot signal the guest: {e}", self.setup.index);
             }
         }
     }
