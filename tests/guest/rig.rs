@@ -1077,45 +1077,6 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
     Outcome::Passed
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout_merges_and_overrides() {
-        let base = [Fill::new(0, 10 * MIB, 1), Fill::new(20 * MIB, MIB, 2)];
-        let got = layout(
-            Some(&base),
-            &[(5 * MIB, MIB, Some(1)), (8 * MIB, 4 * MIB, None)],
-        );
-        let r = |o: u64, l: u64, b: Option<u8>| Region {
-            offset: o * MIB,
-            len: l * MIB,
-            byte: b,
-        };
-        assert_eq!(
-            got,
-            vec![
-                r(0, 8, Some(1)),
-                r(8, 4, None),
-                r(12, 8, Some(0)),
-                r(20, 1, Some(2)),
-                r(21, 256 - 21, Some(0)),
-            ]
-        );
-        assert_eq!(
-            expected_bytes(&got, 19 * MIB, 2 * MIB).expect("fixed")[1 << 20],
-            2
-        );
-        assert_eq!(expected_bytes(&got, 7 * MIB, 2 * MIB), None);
-        let unknown = layout(None, &[(MIB, MIB, Some(7))]);
-        assert_eq!(
-            unknown,
-            vec![r(0, 1, None), r(1, 1, Some(7)), r(2, 254, None)]
-        );
-    }
-}
-
 /// Lines of `log` that contain `needle`.
 fn count_in_log(log: &Path, needle: &str) -> usize {
     std::fs::read_to_string(log)
@@ -1257,7 +1218,11 @@ pub fn run_guest_kill_restart(case: &ImageCase, kills: usize) {
                 .expect("spawn qemu-img check");
             (
                 out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             )
         };
         let (code, text) = check(false);
@@ -1281,5 +1246,44 @@ pub fn run_guest_kill_restart(case: &ImageCase, kills: usize) {
                 "qemu-img check -r leaks did not leave it clean:\n{text}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_merges_and_overrides() {
+        let base = [Fill::new(0, 10 * MIB, 1), Fill::new(20 * MIB, MIB, 2)];
+        let got = layout(
+            Some(&base),
+            &[(5 * MIB, MIB, Some(1)), (8 * MIB, 4 * MIB, None)],
+        );
+        let r = |o: u64, l: u64, b: Option<u8>| Region {
+            offset: o * MIB,
+            len: l * MIB,
+            byte: b,
+        };
+        assert_eq!(
+            got,
+            vec![
+                r(0, 8, Some(1)),
+                r(8, 4, None),
+                r(12, 8, Some(0)),
+                r(20, 1, Some(2)),
+                r(21, 256 - 21, Some(0)),
+            ]
+        );
+        assert_eq!(
+            expected_bytes(&got, 19 * MIB, 2 * MIB).expect("fixed")[1 << 20],
+            2
+        );
+        assert_eq!(expected_bytes(&got, 7 * MIB, 2 * MIB), None);
+        let unknown = layout(None, &[(MIB, MIB, Some(7))]);
+        assert_eq!(
+            unknown,
+            vec![r(0, 1, None), r(1, 1, Some(7)), r(2, 254, None)]
+        );
     }
 }
