@@ -10,7 +10,9 @@ mod rig;
 #[path = "guest/vm.rs"]
 mod vm;
 
-use rig::{run_guest_fio, run_guest_kill_restart, Backend, ImageCase, OverlayMaker};
+use rig::{
+    run_guest_fio, run_guest_kill_restart, run_guest_live_resize, Backend, ImageCase, OverlayMaker,
+};
 
 #[test]
 fn raw_image_guest_fio_verify_via_daemon() {
@@ -194,4 +196,9 @@ fn qcow2_luks_guest_fio_verify_survives_three_daemon_sigkills() {
         vec!["--key-secret-file".to_owned(), key.display().to_string()],
     );
     run_guest_kill_restart(&case, 3);
+}
+
+#[test]
+fn raw_live_resize_under_guest_io() {
+    run_guest_live_resize(&ImageCase::raw(), 320 * 1024 * 1024);
 }

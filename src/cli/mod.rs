@@ -8,6 +8,7 @@ use thiserror::Error;
 
 pub mod check;
 pub mod compare;
+pub mod control;
 pub mod convert;
 pub mod create;
 pub mod create_opts;
@@ -18,6 +19,7 @@ pub mod keyslot;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod resize;
 pub mod serve;
 pub mod snapshot;
 pub mod systemd;
@@ -56,6 +58,10 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Change the backing file of a qcow2 image (as `qemu-img rebase`).
     Rebase(rebase::RebaseArgs),
+    /// Ask a running daemon (its --control-socket): query, or resize the disk live.
+    Control(control::ControlArgs),
+    /// Change an image's size offline (as `qemu-img resize`).
+    Resize(resize::ResizeArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -90,6 +96,8 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Snapshot(args) => snapshot::run(&args, &mut out)?,
         Command::Rebase(args) => rebase::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
+        Command::Control(args) => control::run(&args, &mut out)?,
+        Command::Resize(args) => resize::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
             0

@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// Print the backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Serve a control socket (mode 0600, JSON lines: `query`, `resize`) at PATH; see
+    /// `vhost-user-qcow2 control`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Passphrase of an encrypted image (LUKS raw or in qcow2, legacy qcow2 AES). Without
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
@@ -223,7 +227,15 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
-    let r = vhost_user::serve(listener, dev, args.once);
+    let export = Arc::new(vhost_user::Export::new(dev));
+    if let Some(path) = &args.control_socket {
+        vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!("control socket on {}", path.display());
+    }
+    let r = vhost_user::serve(listener, export, args.once);
     drop(guard);
     Ok(r?)
 }

@@ -1,6 +1,7 @@
 //! Raw images: guest offset = file offset.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{check_range, iov_len, BlockImage, ImageError, Result};
 use crate::storage::Storage;
@@ -8,7 +9,8 @@ use crate::storage::Storage;
 /// A raw image file.
 pub struct RawImage {
     storage: Box<dyn Storage>,
-    capacity: u64,
+    /// Changes only on live resize.
+    capacity: AtomicU64,
     read_only: bool,
 }
 
@@ -18,7 +20,7 @@ impl RawImage {
         let capacity = storage.len()? & !511;
         Ok(Self {
             storage,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             read_only,
         })
     }
@@ -26,7 +28,7 @@ impl RawImage {
 
 impl BlockImage for RawImage {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -34,7 +36,7 @@ impl BlockImage for RawImage {
     }
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        check_range(offset, iov_len(bufs), self.capacity)?;
+        check_range(offset, iov_len(bufs), self.capacity())?;
         Ok(self.storage.readv_at(bufs, offset)?)
     }
 
@@ -42,7 +44,7 @@ impl BlockImage for RawImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, iov_len(bufs), self.capacity)?;
+        check_range(offset, iov_len(bufs), self.capacity())?;
         Ok(self.storage.writev_at(bufs, offset)?)
     }
 
@@ -57,7 +59,7 @@ impl BlockImage for RawImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         Ok(self.storage.punch_hole(offset, len)?)
     }
 
@@ -65,12 +67,36 @@ impl BlockImage for RawImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         if unmap {
             Ok(self.storage.punch_hole(offset, len)?)
         } else {
             Ok(self.storage.write_zeroes(offset, len)?)
         }
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(ImageError::OutOfRange {
+                offset: new_size,
+                len: 0,
+                capacity: self.capacity(),
+            });
+        }
+        let old = self.capacity();
+        if new_size < old {
+            // Shrink: requests past the new end fail from now on, then the file is cut.
+            self.capacity.store(new_size, Ordering::Release);
+            self.storage.set_len(new_size)?;
+        } else {
+            self.storage.set_len(new_size)?;
+            self.capacity.store(new_size, Ordering::Release);
+        }
+        self.storage.sync()?;
+        Ok(())
     }
 }
 

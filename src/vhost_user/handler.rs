@@ -24,6 +24,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_channel::BackendChannel;
 use super::inflight::{InflightQueue, InflightRegion};
 use super::memory::{MemoryTable, MAX_MEM_SLOTS};
 use super::vring::{build_queue, spawn, Vring, WorkerSetup};
@@ -37,6 +38,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 fn handler_err(e: impl std::error::Error + Send + Sync + 'static) -> VuError {
@@ -68,6 +70,8 @@ pub struct Negotiated {
 pub struct Connection {
     dev: Arc<BlkDevice>,
     state: Mutex<State>,
+    /// Our end of the backend-request channel, once the frontend set one up.
+    backend: Mutex<Option<BackendChannel>>,
 }
 
 impl Connection {
@@ -80,6 +84,32 @@ impl Connection {
                 vrings,
                 ..State::default()
             }),
+            backend: Mutex::new(None),
+        }
+    }
+
+    /// Keeps our duplicate of the frontend's backend-request socket.
+    pub fn set_backend_channel(&self, chan: BackendChannel) {
+        *self.backend.lock().unwrap_or_else(PoisonError::into_inner) = Some(chan);
+    }
+
+    /// Tells the frontend the config space changed (CONFIG_CHANGE_MSG). `Ok(false)` if the
+    /// frontend gave us no backend channel.
+    pub fn notify_config_change(&self) -> io::Result<bool> {
+        let (backend_req, reply_ack) = {
+            let s = self.state();
+            (
+                Self::protocol_acked(&s, VhostUserProtocolFeatures::BACKEND_REQ),
+                Self::protocol_acked(&s, VhostUserProtocolFeatures::REPLY_ACK),
+            )
+        };
+        let mut chan = self.backend.lock().unwrap_or_else(PoisonError::into_inner);
+        match chan.as_mut() {
+            Some(c) if backend_req => {
+                c.config_changed(reply_ack)?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 

@@ -9,13 +9,16 @@
 //! Threads: the caller's thread runs the accept loop and the connection's message loop; each
 //! started queue has one worker thread (`vq<N>`, see [`vring`]).
 
+pub mod backend_channel;
+pub mod control;
 pub mod handler;
 pub mod inflight;
 pub mod memory;
 pub mod vring;
 
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
@@ -46,11 +49,52 @@ fn ends_connection(e: &VuError) -> bool {
     )
 }
 
+/// One exported device and the frontend currently attached to it.
+pub struct Export {
+    dev: Arc<BlkDevice>,
+    current: Mutex<Option<Arc<Connection>>>,
+}
+
+impl Export {
+    /// An export of `dev` with no frontend yet.
+    pub fn new(dev: Arc<BlkDevice>) -> Self {
+        Self {
+            dev,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<BlkDevice> {
+        &self.dev
+    }
+
+    /// The attached frontend's connection, if any.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn attach(&self, conn: Option<Arc<Connection>>) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = conn;
+    }
+}
+
 /// Serves one connected frontend until it goes away; stops its queues afterwards.
-pub fn serve_connection(stream: std::os::unix::net::UnixStream, dev: Arc<BlkDevice>) {
-    let conn = Arc::new(Connection::new(dev));
+pub fn serve_connection(stream: std::os::unix::net::UnixStream, export: &Export) {
+    let conn = Arc::new(Connection::new(export.dev.clone()));
+    let raw = stream.as_raw_fd();
     let mut req = BackendReqHandler::from_stream(stream, conn.clone());
+    export.attach(Some(conn.clone()));
     loop {
+        // The vhost crate keeps the backend-request socket to itself: take a duplicate first.
+        match backend_channel::peek_backend_fd(raw) {
+            Ok(Some(sock)) => conn.set_backend_channel(backend_channel::BackendChannel::new(sock)),
+            Ok(None) => {}
+            Err(e) => log::debug!("peek: {e}"),
+        }
         match req.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected | VuError::PartialMessage) => {
@@ -64,19 +108,20 @@ pub fn serve_connection(stream: std::os::unix::net::UnixStream, dev: Arc<BlkDevi
             Err(e) => log::warn!("request refused: {e}"),
         }
     }
+    export.attach(None);
     let stopped = conn.stop_all();
     log::debug!("stopped {stopped} queue(s)");
 }
 
-/// Serves the device on `listener`: one frontend at a time; after a frontend disconnects the
+/// Serves the export on `listener`: one frontend at a time; after a frontend disconnects the
 /// image is flushed and, unless `once`, the next connection is accepted.
-pub fn serve(listener: UnixListener, dev: Arc<BlkDevice>, once: bool) -> Result<(), DaemonError> {
+pub fn serve(listener: UnixListener, export: Arc<Export>, once: bool) -> Result<(), DaemonError> {
     loop {
         log::info!("waiting for a frontend");
         let (stream, _) = listener.accept().map_err(DaemonError::Accept)?;
         log::info!("frontend connected");
-        serve_connection(stream, dev.clone());
-        dev.image().flush().map_err(DaemonError::Flush)?;
+        serve_connection(stream, &export);
+        export.dev.image().flush().map_err(DaemonError::Flush)?;
         if once {
             return Ok(());
         }

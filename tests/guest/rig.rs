@@ -1249,6 +1249,121 @@ pub fn run_guest_kill_restart(case: &ImageCase, kills: usize) {
     }
 }
 
+/// Live resize under guest I/O: the guest runs fio verify on the start of the disk while the
+/// host grows the image through the daemon's control socket; the guest must see the new size
+/// in /sys/block/vda/size, write and verify the new tail; `qemu-img info` must show the size.
+pub fn run_guest_live_resize(case: &ImageCase, new_size: u64) {
+    if let Gate::Skip(why) = gate(Backend::Daemon) {
+        eprintln!("SKIPPED e2e live resize {}: {why}", case.name);
+        return;
+    }
+    let (kernel, initrd) = build_guest();
+    let dir = temp_dir();
+    let image = dir.path().join(format!("disk.{}", case.name));
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let log = dir.path().join("daemon.log");
+    (case.create)(&image, DISK_SIZE)
+        .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
+    let mut with_control = case.daemon_args.clone();
+    with_control.extend(["--control-socket".to_owned(), control.display().to_string()]);
+    let case_c = ImageCase {
+        name: case.name,
+        format_opts: case.format_opts.clone(),
+        objects: case.objects.clone(),
+        daemon_args: with_control,
+        create: Box::new(|_, _| Ok(Vec::new())),
+        base: None,
+        qemu_img_check: case.qemu_img_check,
+        encrypted: case.encrypted,
+    };
+    let old_sectors = DISK_SIZE / 512;
+    let new_sectors = new_size / 512;
+    let tail = new_size - DISK_SIZE;
+    let script = format!(
+        "fio --name=bg --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \\
+           --size=32M --iodepth=8 --verify=crc32c --verify_fatal=1 --output-format=terse \\
+           >/tmp/bg.out 2>&1 &
+         bg=$!
+         i=0
+         while [ \"$(cat /sys/block/vda/size)\" = {old_sectors} ]; do
+           sleep 0.2; i=$((i+1)); [ $i -lt 600 ] || {{ echo 'size never changed'; exit 1; }}
+         done
+         echo E2E-SIZE $(cat /sys/block/vda/size)
+         [ \"$(cat /sys/block/vda/size)\" = {new_sectors} ] || {{ echo 'wrong new size'; exit 1; }}
+         fio --name=tail --filename=$DEV --direct=1 --ioengine=libaio --rw=write --bs=64k \\
+           --offset={DISK_SIZE} --size={tail} --verify=crc32c --verify_fatal=1 \\
+           --output-format=terse >/tmp/tail.out 2>&1 || {{ cat /tmp/tail.out; exit 1; }}
+         wait $bg || {{ cat /tmp/bg.out; exit 1; }}
+         if dmesg | grep -i 'I/O error'; then exit 1; fi
+"
+    );
+    let mut daemon = start_backend(Backend::Daemon, &case_c, None, &image, &socket, &log, false);
+    let answer = std::thread::scope(|scope| {
+        let guest = scope.spawn(|| boot_guest(&kernel, &initrd, &socket, &script));
+        let answer = if wait_for_log(&log, "queue 1 started", 1, Duration::from_secs(120)) {
+            std::thread::sleep(Duration::from_millis(3000));
+            let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
+                .arg("control")
+                .arg(&control)
+                .arg("resize")
+                .arg(new_size.to_string())
+                .output()
+                .expect("spawn control");
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        } else {
+            "the guest never started its queues".to_owned()
+        };
+        (guest.join().expect("guest thread"), answer)
+    });
+    let (run, answer) = answer;
+    let run = run.unwrap_or_else(|e| panic!("guest: {e}\n{}", file_tail(&log, 30)));
+    let report = parse_report(&run.serial);
+    if !run.status.success() || !report.passed {
+        let start = run.serial.len().saturating_sub(60);
+        panic!(
+            "guest failed (QEMU {}); control said: {answer}\nserial log tail:\n{}\n--- daemon:\n{}",
+            run.status,
+            run.serial[start..].join("\n"),
+            file_tail(&log, 30)
+        );
+    }
+    assert!(
+        answer.contains("\"guest-notified\": true"),
+        "control resize answer: {answer}"
+    );
+    daemon.signal(libc::SIGTERM);
+    let _ = daemon.wait_timeout(Duration::from_secs(10));
+    let mut info = Command::new("qemu-img");
+    info.arg("info")
+        .args(case.object_args())
+        .arg("--output=json")
+        .arg("--image-opts")
+        .arg(case.image_opts(&image));
+    let text = run_checked(&mut info);
+    assert!(
+        text.contains(&format!("\"virtual-size\": {new_size}")),
+        "qemu-img info does not show {new_size} bytes:\n{text}"
+    );
+    if case.qemu_img_check {
+        let mut check = Command::new("qemu-img");
+        check
+            .arg("check")
+            .args(case.object_args())
+            .arg("--image-opts")
+            .arg(case.image_opts(&image));
+        run_checked(&mut check);
+    }
+    eprintln!(
+        "live resize {}: guest saw {new_sectors} sectors, done in {:.1} s",
+        case.name, run.secs
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
