@@ -191,3 +191,113 @@ fn direct_on_a_qcow2_image_is_refused_clearly() {
     assert!(err.contains("raw images only"), "{err}");
     assert!(!sock.exists());
 }
+
+#[test]
+fn backend_program_conventions_work_without_a_subcommand() {
+    let out = Command::new(BIN)
+        .arg("--print-capabilities")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["type"], "block");
+    // The vhost-user JSON descriptor shipped for management tools names this binary.
+    let desc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/vhost-user/50-vhost-user-qcow2.json"
+        ))
+        .expect("descriptor"),
+    )
+    .expect("descriptor json");
+    assert_eq!(desc["type"], "block");
+    assert!(desc["binary"]
+        .as_str()
+        .is_some_and(|b| b.ends_with("/vhost-user-qcow2")));
+    // `--socket-path` without `serve`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = common::make_image(dir.path(), 1 << 20);
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(BIN)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--blk-file")
+        .arg(&image)
+        .spawn()
+        .expect("spawn");
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed().as_secs() < 20, "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn control_socket_queries_and_resizes_a_raw_export() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = dir.path().join("control.sock");
+    let d = common::Daemon::start(
+        1 << 20,
+        &["--control-socket", control.to_str().expect("utf-8")],
+    );
+    let t = std::time::Instant::now();
+    while !control.exists() {
+        assert!(t.elapsed().as_secs() < 20, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&control)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    let ctl = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("control")
+            .arg(&control)
+            .args(args)
+            .output()
+            .expect("control")
+    };
+    let q = ctl(&["query"]);
+    assert!(q.status.success(), "{q:?}");
+    let v: serde_json::Value = serde_json::from_slice(&q.stdout).expect("json");
+    assert_eq!(v["capacity"], 1 << 20);
+    assert_eq!(v["connected"], false);
+    assert!(v["queue-stats"].is_array());
+    let shrink = ctl(&["resize", "512K"]);
+    assert_eq!(shrink.status.code(), Some(1), "shrink must be refused");
+    assert_eq!(std::fs::metadata(&d.image).expect("stat").len(), 1 << 20);
+    let grow = ctl(&["resize", "3M"]);
+    assert!(grow.status.success(), "{grow:?}");
+    let v: serde_json::Value = serde_json::from_slice(&grow.stdout).expect("json");
+    assert_eq!(v["capacity"], 3 << 20);
+    assert_eq!(std::fs::metadata(&d.image).expect("stat").len(), 3 << 20);
+    let q: serde_json::Value = serde_json::from_slice(&ctl(&["query"]).stdout).expect("json");
+    assert_eq!(q["capacity"], 3 << 20);
+}
+
+#[test]
+fn offline_resize_grows_and_refuses_to_shrink_without_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = common::make_image(dir.path(), 1 << 20);
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("resize")
+            .args(args)
+            .output()
+            .expect("resize")
+    };
+    let img = image.to_str().expect("utf-8");
+    let out = run(&["-f", "raw", img, "+1M"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::metadata(&image).expect("stat").len(), 2 << 20);
+    let out = run(&["-f", "raw", img, "1M"]);
+    assert!(!out.status.success(), "shrink without --shrink must fail");
+    assert_eq!(std::fs::metadata(&image).expect("stat").len(), 2 << 20);
+    let out = run(&["--shrink", "-f", "raw", img, "-512K"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::metadata(&image).expect("stat").len(), 1536 << 10);
+}

@@ -119,3 +119,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     msg
 }
+
+/// Backend program conventions (vhost-user.rst): management tools start a backend as
+/// `PROGRAM --socket-path PATH ...`, `PROGRAM --fd N ...` or `PROGRAM --print-capabilities`,
+/// without a subcommand. If the first argument is an option other than --help/--version, the
+/// arguments are taken as `serve`'s.
+pub fn with_implied_serve(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let implied = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| a.starts_with("--") && !matches!(a, "--help" | "--version"));
+    if !implied {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    out.push("serve".into());
+    out.extend(it);
+    out
+}
