@@ -301,3 +301,84 @@ fn offline_resize_grows_and_refuses_to_shrink_without_the_flag() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::metadata(&image).expect("stat").len(), 1536 << 10);
 }
+
+#[test]
+fn offline_resize_grows_qcow2_and_qcow2_luks_as_qemu_img_sees_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = "secret,id=s0,data=resize-pass";
+    let plain = dir.path().join("p.qcow2");
+    let enc = dir.path().join("e.qcow2");
+    let qemu_img = |args: &[&str]| {
+        let out = Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("qemu-img");
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let p = plain.to_str().expect("utf-8");
+    let e = enc.to_str().expect("utf-8");
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        secret,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        e,
+        "64M",
+    ]);
+    let io = |opts: &str, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["--object", secret, "--image-opts", opts]);
+        for cmd in cmds {
+            c.arg("-c").arg(cmd);
+        }
+        let out = c.output().expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "qemu-io {cmds:?}: {text}"
+        );
+    };
+    let p_opts = format!("driver=qcow2,file.filename={p}");
+    let e_opts = format!("driver=qcow2,encrypt.key-secret=s0,file.filename={e}");
+    for opts in [&p_opts, &e_opts] {
+        io(opts, &["write -P 0x33 63M 1M"]);
+    }
+    for img in [p, e] {
+        let out = Command::new(BIN)
+            .args(["resize", img, "+192M"])
+            .output()
+            .expect("resize");
+        assert!(out.status.success(), "{out:?}");
+        let shrink = Command::new(BIN)
+            .args(["resize", img, "32M"])
+            .output()
+            .expect("resize");
+        assert!(!shrink.status.success(), "shrink must be refused");
+    }
+    for opts in [&p_opts, &e_opts] {
+        let info = qemu_img(&[
+            "info",
+            "--object",
+            secret,
+            "--output=json",
+            "--image-opts",
+            opts,
+        ]);
+        assert!(info.contains("\"virtual-size\": 268435456"), "{info}");
+        io(
+            opts,
+            &[
+                "read -P 0x33 63M 1M",
+                "write -P 0x44 250M 1M",
+                "read -P 0x44 250M 1M",
+            ],
+        );
+        qemu_img(&["check", "--object", secret, "--image-opts", opts]);
+    }
+}

@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::tools::{parse_size, ToolError};
 use crate::image::{self, ImageError, OpenOptions};
+use crate::qcow2;
 
 /// `resize` arguments.
 #[derive(Debug, Args)]
@@ -51,22 +52,34 @@ pub fn run(args: &ResizeArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     } else {
         None
     };
+    let probe = crate::storage::FileStorage::open(
+        &args.image,
+        crate::storage::OpenFlags {
+            read_only: false,
+            direct: false,
+        },
+    )?;
+    let detected = match format {
+        Some(f) => f,
+        None => image::detect_format(&probe)?,
+    };
+    if detected == image::Format::Qcow2 {
+        // Header-only growth: no key needed, even for an encrypted image.
+        let current = qcow2::header::Header::read(&probe)?.size;
+        let new = new_size(&args.size, current)?;
+        if new < current {
+            return Err(ToolError::BadArgument(
+                "shrinking a qcow2 image is not supported yet",
+            ));
+        }
+        qcow2::resize::grow(&probe, new)?;
+        writeln!(out, "Image resized.")?;
+        return Ok(0);
+    }
+    drop(probe);
     let img = image::open_with_secret(&args.image, &opts, secret.as_ref())?;
     let current = img.capacity();
-    let s = args.size.trim();
-    let new = if let Some(d) = s.strip_prefix('+') {
-        current.checked_add(parse_size(d)?)
-    } else if let Some(d) = s.strip_prefix('-') {
-        current.checked_sub(parse_size(d)?)
-    } else {
-        Some(parse_size(s)?)
-    }
-    .ok_or_else(|| ToolError::BadSize(args.size.clone()))?;
-    // qemu-img rounds the size up to whole sectors.
-    let new = new
-        .checked_add(511)
-        .map(|n| n & !511)
-        .ok_or_else(|| ToolError::BadSize(args.size.clone()))?;
+    let new = new_size(&args.size, current)?;
     if new < current && !args.shrink {
         return Err(ToolError::BadArgument(
             "Use the --shrink option to perform a shrink operation.",
@@ -84,4 +97,19 @@ pub fn run(args: &ResizeArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     img.flush()?;
     writeln!(out, "Image resized.")?;
     Ok(0)
+}
+
+/// `SIZE`, `+SIZE` or `-SIZE` against `current`, rounded up to whole sectors as qemu-img does.
+fn new_size(arg: &str, current: u64) -> Result<u64, ToolError> {
+    let bad = || ToolError::BadSize(arg.to_owned());
+    let s = arg.trim();
+    let new = if let Some(d) = s.strip_prefix('+') {
+        current.checked_add(parse_size(d)?)
+    } else if let Some(d) = s.strip_prefix('-') {
+        current.checked_sub(parse_size(d)?)
+    } else {
+        Some(parse_size(s)?)
+    }
+    .ok_or_else(bad)?;
+    new.checked_add(511).map(|n| n & !511).ok_or_else(bad)
 }
