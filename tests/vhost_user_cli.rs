@@ -382,3 +382,74 @@ fn offline_resize_grows_qcow2_and_qcow2_luks_as_qemu_img_sees_it() {
         qemu_img(&["check", "--object", secret, "--image-opts", opts]);
     }
 }
+
+#[test]
+fn control_socket_resizes_a_raw_luks_export_as_qemu_sees_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("l.luks");
+    let key = dir.path().join("key");
+    std::fs::write(&key, "luks-resize").expect("key");
+    let secret = "secret,id=s0,data=luks-resize";
+    let i = img.to_str().expect("utf-8");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "luks", "--object", secret, "-o"])
+        .args(["key-secret=s0,iter-time=10", i, "4M"])
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{out:?}");
+    let opts = format!("driver=luks,key-secret=s0,file.filename={i}");
+    let io = |cmd: &str| {
+        let out = Command::new("qemu-io")
+            .args(["--object", secret, "--image-opts", &opts, "-c", cmd])
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("fail"),
+            "{cmd}: {text}"
+        );
+    };
+    io("write -P 0x5e 3M 1M");
+    let control = dir.path().join("c.sock");
+    let sock = dir.path().join("v.sock");
+    let mut child = spawn_serve(
+        &sock,
+        &img,
+        &[
+            "--key-secret-file",
+            key.to_str().expect("utf-8"),
+            "--control-socket",
+            control.to_str().expect("utf-8"),
+        ],
+    );
+    let t = std::time::Instant::now();
+    while !control.exists() {
+        assert!(t.elapsed().as_secs() < 20, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = Command::new(BIN)
+        .arg("control")
+        .arg(&control)
+        .args(["resize", "8M"])
+        .output()
+        .expect("control");
+    assert!(out.status.success(), "{out:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let info = Command::new("qemu-img")
+        .args([
+            "info",
+            "--object",
+            secret,
+            "--output=json",
+            "--image-opts",
+            &opts,
+        ])
+        .output()
+        .expect("qemu-img info");
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("\"virtual-size\": 8388608"), "{text}");
+    io("read -P 0x5e 3M 1M");
+    io("write -P 0x6f 7M 1M");
+    io("read -P 0x6f 7M 1M");
+}
