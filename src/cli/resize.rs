@@ -90,7 +90,7 @@ pub fn run(args: &ResizeArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     }
     img.resize(new).map_err(|e| match e {
         ImageError::Unsupported => {
-            ToolError::BadArgument("this image format cannot be resized yet (raw only)")
+            ToolError::BadArgument("this image format cannot be resized yet")
         }
         e => ToolError::Image(e),
     })?;
