@@ -40,6 +40,9 @@ pub fn run(args: &ResizeArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         direct: false,
         format,
         backing: image::BackingPolicy::Deny,
+        data_file: None,
+        // As qemu-img resize: refuse an image someone else writes (a running daemon or QEMU).
+        locking: image::Locking::On,
     };
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
@@ -64,6 +67,14 @@ pub fn run(args: &ResizeArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         None => image::detect_format(&probe)?,
     };
     if detected == image::Format::Qcow2 {
+        // As qemu-img resize: hold the write lock while changing the header.
+        let lock_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&args.image)?;
+        let _lock =
+            crate::lock::ImageLock::acquire(&lock_file, &args.image, crate::lock::Perms::WRITE)
+                .map_err(std::io::Error::other)?;
         // Header-only growth: no key needed, even for an encrypted image.
         let current = qcow2::header::Header::read(&probe)?.size;
         let new = new_size(&args.size, current)?;

@@ -25,7 +25,7 @@ pub mod header;
 mod iov;
 pub mod metadata;
 pub mod resize;
-pub mod snapshot;
+pub mod snapshot_ops;
 pub mod stream;
 pub mod types;
 
