@@ -92,6 +92,8 @@ pub fn spawn(path: &Path, export: Arc<Export>) -> io::Result<JoinHandle<()>> {
 }
 
 fn serve_client(stream: UnixStream, export: &Export) -> io::Result<()> {
+    // One client at a time: one that goes quiet must not hold the socket forever.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(io::Read::take(stream, MAX_LINE));
     let mut line = String::new();
