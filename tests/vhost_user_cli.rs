@@ -415,7 +415,14 @@ fn control_socket_resizes_a_raw_luks_export_as_qemu_sees_it() {
     io("write -P 0x5e 3M 1M");
     let control = dir.path().join("c.sock");
     let sock = dir.path().join("v.sock");
-    let mut child = spawn_serve(
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = KillOnDrop(spawn_serve(
         &sock,
         &img,
         &[
@@ -424,7 +431,7 @@ fn control_socket_resizes_a_raw_luks_export_as_qemu_sees_it() {
             "--control-socket",
             control.to_str().expect("utf-8"),
         ],
-    );
+    ));
     let t = std::time::Instant::now();
     while !control.exists() {
         assert!(t.elapsed().as_secs() < 20, "no control socket");
@@ -437,8 +444,7 @@ fn control_socket_resizes_a_raw_luks_export_as_qemu_sees_it() {
         .output()
         .expect("control");
     assert!(out.status.success(), "{out:?}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let info = Command::new("qemu-img")
         .args([
             "info",
