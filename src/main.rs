@@ -4,8 +4,8 @@ use clap::Parser;
 use vhost_user_qcow2::cli;
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = cli::Cli::parse();
+    cli::log_filter::init();
+    let args = cli::Cli::parse_from(cli::with_implied_serve(std::env::args_os().collect()));
     match cli::run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

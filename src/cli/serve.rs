@@ -7,17 +7,16 @@
 use std::fs;
 use std::io;
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
 use thiserror::Error;
 
 use crate::image::{self, BlockImage, ImageError, OpenOptions};
-use crate::vhost_user::backend::{BackendError, BlkOptions};
 use crate::vhost_user::{self, DaemonError};
+use crate::virtio_blk::device::{BlkDevice, BlkOptions, DeviceError};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -37,8 +36,8 @@ pub struct ServeArgs {
         required_unless_present = "print_capabilities"
     )]
     pub image: Option<PathBuf>,
-    /// Image format: raw, qcow2 or luks (default: detect from the magic; give `raw` for a raw
-    /// image a guest could have written a qcow2 or LUKS header into).
+    /// Image format: raw, qcow2 or luks (default: detect from the magic; a detected raw image
+    /// then refuses guest writes that would make it detect as qcow2 or LUKS, as QEMU does).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
     /// Whether a qcow2 image may open its backing files (as QEMU does by default).
@@ -69,10 +68,20 @@ pub struct ServeArgs {
     /// Print the backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Serve a control socket (mode 0600, JSON lines: `query`, `resize`) at PATH; see
+    /// `vhost-user-qcow2 control`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Passphrase of an encrypted image (LUKS raw or in qcow2, legacy qcow2 AES). Without
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
     pub key: super::keyslot::KeyArgs,
+    /// Data file consent and locking.
+    #[command(flatten)]
+    pub access: super::access::AccessArgs,
+    /// Socket mode and group.
+    #[command(flatten)]
+    pub socket: super::socket::SocketArgs,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -117,7 +126,7 @@ pub enum ServeError {
         source: io::Error,
     },
     #[error("invalid options")]
-    Options(#[source] BackendError),
+    Options(#[source] DeviceError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -172,6 +181,8 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         direct: args.direct,
         format,
         backing,
+        data_file: args.access.data_file.clone(),
+        locking: args.access.share.locking(),
     };
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
@@ -195,14 +206,12 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     })?);
     drop(secret);
     // Validate the options against the image before creating the socket.
-    let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
-    crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
-        .map_err(ServeError::Options)?;
+    let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 
     let systemd_fd = super::systemd::listen_fd().map_err(ServeError::SocketActivation)?;
     let (listener, guard) = match (&args.socket_path, args.fd.or(systemd_fd)) {
         (Some(path), _) => {
-            let l = listen(path)?;
+            let l = super::socket::listen(path, &args.socket)?;
             (l, SocketGuard(Some(path.clone())))
         }
         (None, Some(fd)) => (inherited_listener(fd)?, SocketGuard(None)),
@@ -225,7 +234,15 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
-    let r = vhost_user::serve(listener, image, &opts, args.once);
+    let export = Arc::new(vhost_user::Export::new(dev));
+    if let Some(path) = &args.control_socket {
+        vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!("control socket on {}", path.display());
+    }
+    let r = vhost_user::serve(listener, export, args.once);
     drop(guard);
     Ok(r?)
 }
@@ -238,33 +255,6 @@ impl Drop for SocketGuard {
         if let Some(p) = &self.0 {
             let _ = fs::remove_file(p);
         }
-    }
-}
-
-/// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
-fn listen(path: &Path) -> Result<UnixListener, ServeError> {
-    let listen_err = |source| ServeError::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let meta = fs::symlink_metadata(path).map_err(listen_err)?;
-            if !meta.file_type().is_socket() {
-                return Err(ServeError::NotASocket(path.to_owned()));
-            }
-            match UnixStream::connect(path) {
-                Ok(_) => Err(ServeError::SocketInUse(path.to_owned())),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    log::info!("removing stale socket {}", path.display());
-                    fs::remove_file(path).map_err(listen_err)?;
-                    UnixListener::bind(path).map_err(listen_err)
-                }
-                Err(e) => Err(listen_err(e)),
-            }
-        }
-        Err(e) => Err(listen_err(e)),
     }
 }
 

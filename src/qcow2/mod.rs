@@ -33,6 +33,7 @@ mod prealloc;
 mod read;
 mod refs;
 mod repair;
+pub mod resize;
 mod snapshot;
 pub mod snapshot_ops;
 pub mod stream;

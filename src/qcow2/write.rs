@@ -11,13 +11,14 @@ use super::metadata::{Lookup, Mapping, Meta, COPIED};
 use super::txn::EntryUpdate;
 use super::types::{GuestOffset, HostOffset};
 use super::{ClusterCrypt, Error, Qcow2, Result};
+use crate::crypto::secret::SecretBuf;
 
 /// Subcluster bitmap of a fully allocated cluster.
 pub(super) const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 
 thread_local! {
-    /// The per-thread bounce buffer that ciphertext is built in.
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The per-thread bounce buffer that ciphertext is built in (locked, zeroed on drop).
+    static BOUNCE: RefCell<SecretBuf> = const { RefCell::new(SecretBuf::new()) };
 }
 
 /// What a transaction does to one cluster of the request.
@@ -443,10 +444,12 @@ impl Qcow2 {
         let n: usize = src.iter().map(|s| s.len()).sum();
         let chunk_max = self.geo.cluster_usize();
         BOUNCE.with(|cell| -> Result<()> {
-            let mut fresh = Vec::new();
+            let mut fresh = SecretBuf::new();
             let mut guard = cell.try_borrow_mut().ok();
-            let b = guard.as_deref_mut().unwrap_or(&mut fresh);
-            b.resize(chunk_max, 0);
+            let b = guard
+                .as_deref_mut()
+                .unwrap_or(&mut fresh)
+                .get_mut(chunk_max);
             let mut cur = IovRef::new(src);
             let mut done = 0usize;
             while done < n {
