@@ -462,3 +462,39 @@ fn control_socket_resizes_a_raw_luks_export_as_qemu_sees_it() {
     io("write -P 0x6f 7M 1M");
     io("read -P 0x6f 7M 1M");
 }
+
+/// Log lines name the image and the socket; `--log-level` sets the level (RUST_LOG unset).
+#[test]
+fn log_lines_name_image_and_socket_and_follow_log_level() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = common::make_image(dir.path(), 1 << 20);
+    let run = |level: &str| {
+        let sock = dir.path().join(format!("{level}.sock"));
+        let child = Command::new(BIN)
+            .args(["--log-level", level, "serve", "--socket-path"])
+            .arg(&sock)
+            .arg("--image")
+            .arg(&image)
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let t = std::time::Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed().as_secs() < 20, "no socket");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: kill() with our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success());
+        (sock, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (sock, info) = run("info");
+    let want = format!("{} on {}: serving", image.display(), sock.display());
+    assert!(info.contains(&want), "{want:?} not in {info}");
+    let (_, quiet) = run("error");
+    assert!(!quiet.contains("serving"), "{quiet}");
+}

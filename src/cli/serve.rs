@@ -221,20 +221,22 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
             ))
         }
     };
+    let socket_name = guard.0.as_ref().map_or_else(
+        || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
+        |p| p.display().to_string(),
+    );
+    // Every log line from here on names the image and the socket.
+    super::set_log_context(format!("{} on {socket_name}", image_path.display()));
     log::info!(
-        "serving {} ({} bytes{}) on {}",
-        image_path.display(),
+        "serving {} bytes{}",
         image.capacity(),
         if image.read_only() { ", read-only" } else { "" },
-        guard.0.as_ref().map_or_else(
-            || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
-            |p| p.display().to_string()
-        )
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
     let export = Arc::new(vhost_user::Export::new(dev));
+    export.set_names(&image_path.display().to_string(), &socket_name);
     if let Some(path) = &args.control_socket {
         vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
             path: path.clone(),
