@@ -14,6 +14,7 @@ pub mod af;
 pub mod create;
 pub mod header;
 pub mod keyslot;
+pub mod luks2;
 pub mod pbkdf;
 
 use thiserror::Error;
