@@ -4,7 +4,7 @@
 //! * [`binhdr`]: the two binary headers, their checksums, reading and writing one copy.
 //! * [`meta`]: the JSON metadata, validated, with the parts we support read into types.
 //! * [`kdf`]: PBKDF2 and Argon2 key derivation with resource limits, and calibration.
-//! * [`unit`]: data encryption with sector sizes up to 4096 bytes.
+//! * [`mod@unit`]: data encryption with sector sizes up to 4096 bytes.
 //! * [`volume`]: choosing the header copy, unlocking, adding and removing keyslots.
 //! * [`create`]: formatting a raw LUKS2 file with cryptsetup's default layout.
 //!
