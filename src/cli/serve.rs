@@ -192,6 +192,11 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         source,
     })?);
     drop(secret);
+    // LUKS2 with 4096-byte encryption sectors needs 4096-byte logical blocks.
+    let opts = BlkOptions {
+        logical_block_size: opts.logical_block_size.max(image.min_block_size()),
+        ..opts
+    };
     // Validate the options against the image before creating the socket.
     let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
     crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
