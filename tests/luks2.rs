@@ -6,12 +6,16 @@
 
 #![allow(clippy::cast_possible_truncation)]
 
+mod common;
 mod luks_common;
 
 use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use blkio::{Blkio, Blkioq, ReqFlags};
+use common::{spawn_serve, BIN};
 use openssl::symm::{Cipher, Crypter, Mode};
 use serde_json::Value;
 use vhost_user_qcow2::crypto::luks::luks2::binhdr::{self, BinHeader};
@@ -601,4 +605,238 @@ fn a_bad_primary_checksum_makes_us_use_the_secondary_as_cryptsetup_does() {
     );
     assert!(std::fs::read(&img).expect("read") == before, "file changed");
     assert_eq!(vol.volume_key().expose(), &cs_volume_key(&img, PW)[..]);
+}
+
+fn bin(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run")
+}
+
+fn bin_ok(args: &[&str]) -> String {
+    let o = bin(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn cli_create_keyslot_and_info_on_luks2_interoperate_with_cryptsetup() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let pw = keyfile(d, "pw1", "first-pass");
+    let pw2 = keyfile(d, "pw2", "second-pass");
+    let img = d.join("ours.img");
+    let p = |x: &Path| x.to_str().expect("utf8").to_owned();
+    let out = bin_ok(&[
+        "create",
+        "-f",
+        "raw",
+        "--encrypt",
+        "luks2",
+        "--pbkdf",
+        "argon2id",
+        "--pbkdf-force-iterations",
+        "4",
+        "--pbkdf-memory",
+        "64",
+        "--pbkdf-parallel",
+        "1",
+        "--sector-size",
+        "4096",
+        "--key-secret-file",
+        &p(&pw),
+        &p(&img),
+        "4M",
+    ]);
+    assert!(out.contains("fmt=luks2"), "{out}");
+    assert!(cs_opens(&img, "first-pass"));
+    let ours = open_image(&img, "first-pass");
+    assert_eq!(ours.capacity(), 4 << 20);
+    assert_eq!(ours.min_block_size(), 4096);
+    let st = storage(&img, true);
+    let vol = Luks2Volume::unlock(&st, &Passphrase::new(b"first-pass")).expect("unlock");
+    assert_eq!(cs_volume_key(&img, "first-pass"), vol.volume_key().expose());
+    drop(ours);
+    cs_accepts_unchanged(&img);
+    // keyslot add (pbkdf2) and remove (slot 0) through the CLI.
+    let out = bin_ok(&[
+        "keyslot",
+        "add",
+        &p(&img),
+        "--key-secret-file",
+        &p(&pw),
+        "--new-key-secret-file",
+        &p(&pw2),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]);
+    assert!(out.contains("added keyslot 1"), "{out}");
+    assert!(cs_opens(&img, "second-pass"));
+    let out = bin_ok(&[
+        "keyslot",
+        "remove",
+        &p(&img),
+        "--key-secret-file",
+        &p(&pw2),
+        "--slot",
+        "0",
+    ]);
+    assert!(out.contains("removed keyslot 0"), "{out}");
+    assert!(!cs_opens(&img, "first-pass"));
+    assert!(cs_opens(&img, "second-pass"));
+    cs_accepts_unchanged(&img);
+    // Removing the last one is refused, file unchanged.
+    let before = std::fs::read(&img).expect("read");
+    let o = bin(&["keyslot", "remove", &p(&img), "--key-secret-file", &p(&pw2)]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("last"), "{o:?}");
+    assert!(std::fs::read(&img).expect("read") == before);
+    // info and keyslot list.
+    let info: Value =
+        serde_json::from_str(&bin_ok(&["info", "--output", "json", &p(&img)])).expect("json");
+    assert_eq!(info["virtual-size"], 4 << 20);
+    assert_eq!(info["format-specific"]["type"], "luks2");
+    assert_eq!(info["format-specific"]["data"]["sector-size"], 4096);
+    assert_eq!(info["format-specific"]["data"]["seqid"], 3);
+    let list: Value =
+        serde_json::from_str(&bin_ok(&["keyslot", "list", &p(&img), "--output", "json"]))
+            .expect("json");
+    assert_eq!(list["keyslots"][0]["slot"], 1);
+    assert_eq!(list["keyslots"][0]["kdf"], "pbkdf2");
+    let human = bin_ok(&["keyslot", "list", &p(&img)]);
+    assert!(
+        human.contains("format: LUKS2") && human.contains("keyslot 1: pbkdf2"),
+        "{human}"
+    );
+    // A KDF over the operator's memory cap is refused before any work.
+    let mut args = vec!["--pbkdf", "argon2id", "--sector-size", "512"];
+    args.extend(fast_kdf_args());
+    let cs = cs_format(d, "cs.img", 17 << 20, &args);
+    let o = bin(&[
+        "keyslot",
+        "add",
+        &p(&cs),
+        "--key-secret-file",
+        &p(&d.join("pw")),
+        "--new-key-secret-file",
+        &p(&pw2),
+        "--kdf-max-memory",
+        "16",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("exceeds the limit of 16 KiB"), "{err}");
+    // LUKS2 inside qcow2 is refused (QEMU has none).
+    let o = bin(&[
+        "create",
+        "-f",
+        "qcow2",
+        "--encrypt",
+        "luks2",
+        "--key-secret-file",
+        &p(&pw),
+        &p(&d.join("q.qcow2")),
+        "1M",
+    ]);
+    assert!(!o.status.success());
+}
+
+fn complete(q: &mut Blkioq) -> i32 {
+    let mut c = [MaybeUninit::uninit()];
+    let n = q.do_io(&mut c, 1, None, None).expect("do_io");
+    assert_eq!(n, 1);
+    // SAFETY: do_io initialised the first `n` completions.
+    unsafe { c[0].assume_init_read() }.ret
+}
+
+#[test]
+fn daemon_serves_cryptsetup_luks2_4096_sectors_with_4k_blocks_and_openssl_agrees() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let mut args = vec!["--pbkdf", "argon2id", "--sector-size", "4096"];
+    args.extend(fast_kdf_args());
+    let img = cs_format(d, "served.img", 20 << 20, &args);
+    let vk = cs_volume_key(&img, PW);
+    let h = header(&img);
+    let key = d.join("pw");
+    let sock = d.join("l2.sock");
+    let mut child = spawn_serve(
+        &sock,
+        &img,
+        &[
+            "--key-secret-file",
+            key.to_str().expect("p"),
+            "--num-queues",
+            "1",
+        ],
+    );
+    let t = std::time::Instant::now();
+    let mut b = loop {
+        let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+        b.set_str("path", sock.to_str().expect("p")).expect("path");
+        if sock.exists() && b.connect().is_ok() {
+            break b;
+        }
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "no daemon: {}",
+            std::fs::read_to_string(d.join("daemon.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    b.set_i32("num-queues", 1).expect("nq");
+    let mut out = b.start().expect("start");
+    assert_eq!(
+        b.get_u64("capacity").expect("capacity"),
+        (20 << 20) - (16 << 20)
+    );
+    assert_eq!(b.get_i32("request-alignment").expect("alignment"), 4096);
+    let region = b.alloc_mem_region(1 << 20).expect("region");
+    b.map_mem_region(&region).expect("map");
+    // SAFETY: the region is a live mapping of region.len bytes owned by `b`; each request is
+    // waited for before the buffer is touched again.
+    let buf = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
+    let q = &mut out.queues[0];
+    let data = pattern(128 * 1024, 3);
+    buf[..data.len()].copy_from_slice(&data);
+    q.write(8192, buf.as_ptr(), data.len(), 0, ReqFlags::empty());
+    assert_eq!(complete(q), 0);
+    q.flush(0, ReqFlags::empty());
+    assert_eq!(complete(q), 0);
+    // OpenSSL decrypts what the daemon wrote.
+    let st = storage(&img, true);
+    let mut raw = vec![0u8; data.len()];
+    st.read_at(&mut raw, h.meta.segment.offset + 8192)
+        .expect("raw");
+    openssl_crypt(&h, &vk, &mut raw, 8192, Mode::Decrypt);
+    assert!(raw == data, "OpenSSL disagrees with the daemon");
+    // The daemon reads what OpenSSL wrote.
+    let want = pattern(64 * 1024, 5);
+    let mut enc = want.clone();
+    openssl_crypt(&h, &vk, &mut enc, 1 << 20, Mode::Encrypt);
+    storage(&img, false)
+        .write_at(&enc, h.meta.segment.offset + (1 << 20))
+        .expect("write");
+    q.read(1 << 20, buf.as_mut_ptr(), want.len(), 0, ReqFlags::empty());
+    assert_eq!(complete(q), 0);
+    assert!(buf[..want.len()] == want[..], "daemon read of OpenSSL data");
+    // A request not aligned to 4096 gets an error status and the daemon keeps serving.
+    q.read(512, buf.as_mut_ptr(), 512, 0, ReqFlags::empty());
+    assert_ne!(complete(q), 0);
+    q.read(8192, buf.as_mut_ptr(), 4096, 0, ReqFlags::empty());
+    assert_eq!(complete(q), 0);
+    assert!(buf[..4096] == data[..4096]);
+    drop(out);
+    drop(b);
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -11,6 +11,7 @@ pub mod create;
 pub mod encrypt;
 pub mod info;
 pub mod keyslot;
+pub mod luks2_info;
 pub mod serve;
 pub mod tools;
 

@@ -171,6 +171,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         format,
         backing,
     };
+    args.key.apply_kdf_limits();
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
         forbid_core_dumps();

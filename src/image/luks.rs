@@ -252,6 +252,29 @@ impl LuksImage {
         Self::from_volume(Box::new(storage), false, &vol)
     }
 
+    /// Creates a raw LUKS2 file of `size` guest bytes at `path` with cryptsetup's default layout
+    /// (data at 16 MiB) and opens it.
+    pub fn create_luks2(
+        path: &Path,
+        size: u64,
+        params: &luks2::Luks2CreateParams,
+        pass: &Passphrase,
+    ) -> Result<Self> {
+        let storage = FileStorage::create(path)?;
+        let total = size
+            .checked_next_multiple_of(SECTOR)
+            .and_then(|s| s.checked_add(luks2::create::DEFAULT_DATA_OFFSET))
+            .ok_or(ImageError::OutOfRange {
+                offset: luks2::create::DEFAULT_DATA_OFFSET,
+                len: size,
+                capacity: u64::MAX,
+            })?;
+        storage.set_len(total)?;
+        let vol = luks2::create::format(&storage, params, pass).map_err(LuksError::from)?;
+        storage.sync()?;
+        Self::from_luks2(Box::new(storage), false, &vol)
+    }
+
     /// The LUKS1 header (None for LUKS2).
     pub fn header(&self) -> Option<&LuksHeader> {
         match &self.header {
