@@ -218,12 +218,15 @@ pub struct ImageCase {
     pub plain: Option<PlainAccess>,
 }
 
+/// Writes `len` bytes of `byte` at `offset` of the guest disk of an image.
+pub type PlainFill = Box<dyn Fn(&Path, u64, u64, u8) -> Result<(), String>>;
+/// Writes the whole guest disk's plaintext of an image (first path) to a raw file.
+pub type PlainExport = Box<dyn Fn(&Path, &Path) -> Result<(), String>>;
+
 /// Host-side plaintext access for formats QEMU's tools cannot open.
 pub struct PlainAccess {
-    /// Writes `len` bytes of `byte` at `offset` of the guest disk.
-    pub fill: Box<dyn Fn(&Path, u64, u64, u8) -> Result<(), String>>,
-    /// Writes the whole guest disk's plaintext to a raw file.
-    pub export: Box<dyn Fn(&Path, &Path) -> Result<(), String>>,
+    pub fill: PlainFill,
+    pub export: PlainExport,
 }
 
 impl ImageCase {
