@@ -526,6 +526,19 @@ fn malformed_headers_are_refused_clearly_and_left_untouched() {
             "exceeds the limit",
         ),
         (
+            "pbkdf2-iterations",
+            json(|v| {
+                v["keyslots"]["0"]["kdf"] = serde_json::json!({"type": "pbkdf2", "hash": "sha256",
+                    "iterations": 4_000_000_000u64, "salt": v["keyslots"]["0"]["kdf"]["salt"].clone()})
+            }),
+            "exceed the limit",
+        ),
+        (
+            "digest-iterations",
+            json(|v| v["digests"]["0"]["iterations"] = 4_000_000_000u64.into()),
+            "exceed the limit",
+        ),
+        (
             "argon2-lanes",
             json(|v| v["keyslots"]["0"]["kdf"]["cpus"] = 100_000.into()),
             "lanes",

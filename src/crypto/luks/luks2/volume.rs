@@ -256,6 +256,14 @@ impl Luks2Volume {
         for ks in meta.keyslots.values() {
             kdf::check_limits(ks.id, &ks.kdf)?;
         }
+        if meta.digest.iterations > kdf::MAX_PBKDF2_ITERATIONS {
+            return Err(Luks2Error::Unsupported(format!(
+                "digest {}: {} PBKDF2 iterations exceed the limit of {}",
+                meta.digest.id,
+                meta.digest.iterations,
+                kdf::MAX_PBKDF2_ITERATIONS
+            )));
+        }
         let mut order: Vec<&Keyslot> = meta
             .keyslots
             .values()
