@@ -10,6 +10,7 @@
 //! adds the XTS whitening and the CBC chaining around it. [`DiskCipher`] hides the difference:
 //! 512-byte sectors go straight to the engine's XTS / CBC.
 
+use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use zeroize::Zeroize;
 
 use crate::crypto::sector::{
@@ -66,6 +67,47 @@ fn xor16(dst: &mut [u8], v: u128) {
     dst[..16].copy_from_slice(&x.to_le_bytes());
 }
 
+/// One AES key for CBC encryption, which is serial within a sector: block by block with the
+/// `aes` crate (AES-NI where present) rather than through 512-byte engine calls.
+enum SerialAes {
+    A128(aes::Aes128),
+    A192(aes::Aes192),
+    A256(aes::Aes256),
+}
+
+impl SerialAes {
+    fn new(alg: CipherAlg, key: &[u8]) -> Result<Self, SectorCipherError> {
+        let err = |_| SectorCipherError::KeyLength {
+            len: key.len(),
+            expected: alg.aes_key_len(),
+        };
+        Ok(match alg {
+            CipherAlg::Aes128 => Self::A128(aes::Aes128::new_from_slice(key).map_err(err)?),
+            CipherAlg::Aes192 => Self::A192(aes::Aes192::new_from_slice(key).map_err(err)?),
+            CipherAlg::Aes256 => Self::A256(aes::Aes256::new_from_slice(key).map_err(err)?),
+        })
+    }
+
+    /// CBC-encrypts `unit` (whole blocks) in place, chaining from `iv`.
+    fn cbc_encrypt(&self, unit: &mut [u8], iv: &[u8]) {
+        let (blocks, _) = unit.as_chunks_mut::<16>();
+        let blocks = Array::cast_slice_from_core_mut(blocks);
+        let mut prev = [0u8; 16];
+        prev.copy_from_slice(&iv[..16]);
+        for b in blocks.iter_mut() {
+            for (x, p) in b.iter_mut().zip(prev.iter()) {
+                *x ^= p;
+            }
+            match self {
+                Self::A128(c) => c.encrypt_block(b),
+                Self::A192(c) => c.encrypt_block(b),
+                Self::A256(c) => c.encrypt_block(b),
+            }
+            prev.copy_from_slice(b);
+        }
+    }
+}
+
 /// XTS, CBC or ECB over sectors of `unit` bytes (1024, 2048 or 4096).
 struct LargeUnit {
     spec: CipherSpec,
@@ -73,6 +115,8 @@ struct LargeUnit {
     data: SectorCipher,
     /// XTS tweak key or the ESSIV key (both used through ECB).
     iv_cipher: Option<SectorCipher>,
+    /// The data key for serial CBC encryption.
+    cbc: Option<SerialAes>,
 }
 
 impl LargeUnit {
@@ -98,11 +142,16 @@ impl LargeUnit {
             }
             _ => None,
         };
+        let cbc = match spec.mode {
+            CipherMode::Cbc => Some(SerialAes::new(spec.alg, key)?),
+            CipherMode::Xts | CipherMode::Ecb => None,
+        };
         Ok(Self {
             spec,
             unit,
             data,
             iv_cipher,
+            cbc,
         })
     }
 
@@ -165,29 +214,13 @@ impl LargeUnit {
         }
     }
 
-    /// CBC encryption is serial within a unit: the chains of the units of a chunk advance
-    /// together, one block each per engine call (padded to 512 bytes).
     fn cbc_encrypt(&self, chunk: &mut [u8], ivs: &[u8]) -> Result<(), SectorCipherError> {
-        let n = chunk.len() / self.unit;
-        let mut lanes = [0u8; SECTOR_SIZE];
-        lanes[..16 * n].copy_from_slice(ivs);
-        for j in 0..self.unit / 16 {
-            for u in 0..n {
-                let at = u * self.unit + j * 16;
-                for (l, p) in lanes[u * 16..u * 16 + 16]
-                    .iter_mut()
-                    .zip(&chunk[at..at + 16])
-                {
-                    *l ^= p;
-                }
-            }
-            self.data.encrypt_sectors(&mut lanes, 0)?;
-            for u in 0..n {
-                let at = u * self.unit + j * 16;
-                chunk[at..at + 16].copy_from_slice(&lanes[u * 16..u * 16 + 16]);
-            }
+        let Some(c) = &self.cbc else {
+            return Err(SectorCipherError::InvalidSpec { spec: self.spec });
+        };
+        for (unit, iv) in chunk.chunks_exact_mut(self.unit).zip(ivs.chunks_exact(16)) {
+            c.cbc_encrypt(unit, iv);
         }
-        // `lanes` holds ciphertext only.
         Ok(())
     }
 
