@@ -208,9 +208,10 @@ pub fn new_kdf(choice: KdfChoice, key_len: usize) -> Result<Kdf> {
             cpus,
         } => {
             let cpus = cpus.clamp(1, MAX_CPUS);
+            // What we write must open here: never above the opening cap.
             let max_mem = max_memory_kib
                 .max(8 * cpus)
-                .min(u32::try_from(max_memory_kib_for_create()).unwrap_or(u32::MAX));
+                .min(u32::try_from(self::max_memory_kib()).unwrap_or(u32::MAX));
             // Measure a small run (t=1, at most 64 MiB) and scale: Argon2's cost is linear in
             // time × memory.
             let probe_mem = max_mem.min(64 * 1024);
@@ -264,10 +265,4 @@ pub fn new_kdf(choice: KdfChoice, key_len: usize) -> Result<Kdf> {
             }
         }
     })
-}
-
-/// The memory cap that applies when creating keyslots: the same as when opening, so that what
-/// we write opens here.
-fn max_memory_kib_for_create() -> u64 {
-    max_memory_kib()
 }
