@@ -17,7 +17,7 @@ use super::keyslot::KeyArgs;
 use super::map::{self, MapEntry};
 use super::tools::ToolError;
 use crate::crypto::secret::Passphrase;
-use crate::image::{self, BlockImage, Format, OpenOptions};
+use crate::image::{BlockImage, Format, OpenOptions};
 
 /// Arguments of `compare`.
 #[derive(Debug, Clone, clap::Args)]
@@ -81,20 +81,7 @@ fn open(
         format,
         ..Default::default()
     };
-    match image::open_with_secret(path, &opts, secret.as_ref()) {
-        Err(image::ImageError::NeedKey(_))
-        | Err(image::ImageError::Qcow2(crate::qcow2::Error::NeedKey(_)))
-            if secret.is_none() =>
-        {
-            let p = key
-                .source()
-                .read(&format!("Passphrase for {}: ", path.display()), false)
-                .map_err(|_| ToolError::BadArgument("cannot read the passphrase"))?;
-            *secret = Some(p);
-            Ok(image::open_with_secret(path, &opts, secret.as_ref())?)
-        }
-        r => Ok(r?),
-    }
+    super::tools::open_image(path, &opts, key, secret)
 }
 
 /// Index of the first 512-byte sector in which `a` and `b` differ.

@@ -15,7 +15,7 @@
 use std::io::{IoSlice, IoSliceMut, IsTerminal, Write};
 use std::path::PathBuf;
 
-use super::create::{CreateArgs, CreateFormat, PreallocArg};
+use super::create::{CreateArgs, CreateFormat};
 use super::keyslot::KeyArgs;
 use super::tools::ToolError;
 use crate::crypto::secret::Passphrase;
@@ -65,21 +65,7 @@ fn open_source(args: &ConvertArgs) -> Result<Box<dyn BlockImage>, ToolError> {
         format,
         ..Default::default()
     };
-    match image::open_with_secret(&args.source, &opts, None) {
-        Err(image::ImageError::NeedKey(_))
-        | Err(image::ImageError::Qcow2(crate::qcow2::Error::NeedKey(_))) => {
-            let p: Passphrase = args
-                .key
-                .source()
-                .read(
-                    &format!("Passphrase for {}: ", args.source.display()),
-                    false,
-                )
-                .map_err(|_| ToolError::BadArgument("cannot read the source passphrase"))?;
-            Ok(image::open_with_secret(&args.source, &opts, Some(&p))?)
-        }
-        r => Ok(r?),
-    }
+    super::tools::open_image(&args.source, &opts, &args.key, &mut None)
 }
 
 /// The `create` arguments for the target.
@@ -94,23 +80,9 @@ fn target_args(args: &ConvertArgs, size: u64) -> Result<CreateArgs, ToolError> {
             ))
         }
     };
-    let c = CreateArgs {
-        format,
-        cluster_size: "64k".into(),
-        backing: None,
-        backing_format: None,
-        preallocation: PreallocArg::Off,
-        compat: "1.1".into(),
-        refcount_bits: 16,
-        encrypt: Default::default(),
-        options: args.options.clone(),
-        objects: args.objects.clone(),
-        lazy_refcounts: false,
-        extended_l2: false,
-        compression_type: 0,
-        file: args.target.clone(),
-        size: Some(size.to_string()),
-    };
+    let mut c = CreateArgs::new(format, args.target.clone(), Some(size.to_string()));
+    c.options.clone_from(&args.options);
+    c.objects.clone_from(&args.objects);
     let c = super::create_opts::apply(&c)?;
     if c.backing.is_some() {
         return Err(ToolError::BadArgument(

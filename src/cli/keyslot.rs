@@ -49,6 +49,12 @@ pub enum KeyslotError {
     Output(#[source] std::io::Error),
     #[error("KDF options")]
     KdfOptions(#[source] super::encrypt::EncryptArgsError),
+    #[error("cannot open {path} for writing")]
+    Locked {
+        path: String,
+        #[source]
+        source: crate::image::ImageError,
+    },
 }
 
 /// Where the passphrase that unlocks an existing slot comes from.
@@ -150,6 +156,18 @@ fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotErro
     .map_err(|source| KeyslotError::Open {
         path: path.display().to_string(),
         source,
+    })
+}
+
+/// Opens `path` for writing with QEMU's write lock (refused while the image is in use).
+fn open_storage_locked(
+    path: &Path,
+) -> Result<(FileStorage, Option<crate::lock::ImageLock>), KeyslotError> {
+    crate::image::open_file_locked(path, false, crate::image::Locking::On).map_err(|source| {
+        KeyslotError::Locked {
+            path: path.display().to_string(),
+            source,
+        }
     })
 }
 
@@ -366,9 +384,16 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
         }
     };
     {
-        let st = open_storage(&file, !write)?;
+        // Writes take QEMU's write lock, as for LUKS1 below.
+        let (st, lock) = if write {
+            open_storage_locked(&file)?
+        } else {
+            (open_storage(&file, true)?, None)
+        };
         if let Some(h) = luks2_header(&st, &file)? {
-            return run_luks2(args.command, &st, h, out);
+            let r = run_luks2(args.command, &st, h, out);
+            drop(lock);
+            return r;
         }
     }
     match args.command {
@@ -386,7 +411,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             iter_time,
             ..
         } => {
-            let st = open_storage(&file, false)?;
+            let (st, _lock) = open_storage_locked(&file)?;
             let area = luks_area(&st, &file)?;
             let pass = key
                 .source()
@@ -402,7 +427,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             writeln!(out, "added keyslot {slot}").map_err(KeyslotError::Output)?;
         }
         KeyslotCommand::Remove { file, key, slot } => {
-            let st = open_storage(&file, false)?;
+            let (st, _lock) = open_storage_locked(&file)?;
             let area = luks_area(&st, &file)?;
             let pass = key.source().read("Passphrase: ", false)?;
             let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;

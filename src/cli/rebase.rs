@@ -14,7 +14,6 @@ use std::path::PathBuf;
 
 use super::keyslot::KeyArgs;
 use super::tools::ToolError;
-use crate::crypto::secret::Passphrase;
 use crate::image::{self, BlockImage, Format, OpenOptions};
 use crate::qcow2::header::{build_header_cluster, Header, EXT_BACKING_FORMAT};
 use crate::storage::{FileStorage, OpenFlags, Storage};
@@ -46,17 +45,7 @@ fn open_with_key(
     opts: &OpenOptions,
     key: &KeyArgs,
 ) -> Result<Box<dyn BlockImage>, ToolError> {
-    match image::open_with_secret(path, opts, None) {
-        Err(image::ImageError::NeedKey(_))
-        | Err(image::ImageError::Qcow2(crate::qcow2::Error::NeedKey(_))) => {
-            let p: Passphrase = key
-                .source()
-                .read(&format!("Passphrase for {}: ", path.display()), false)
-                .map_err(|_| ToolError::BadArgument("cannot read the passphrase"))?;
-            Ok(image::open_with_secret(path, opts, Some(&p))?)
-        }
-        r => Ok(r?),
-    }
+    super::tools::open_image(path, opts, key, &mut None)
 }
 
 /// Rewrites the header cluster with `backing` (and its format) named instead of the old one.
@@ -101,13 +90,7 @@ fn write_header(
 /// Runs `rebase`.
 pub fn run(args: &RebaseArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
     {
-        let st = FileStorage::open(
-            &args.file,
-            OpenFlags {
-                read_only: true,
-                direct: false,
-            },
-        )?;
+        let st = super::tools::open_read_only(&args.file)?;
         if image::detect_format(&st)? != Format::Qcow2 {
             return Err(ToolError::BadArgument("rebase needs a qcow2 image"));
         }
@@ -165,13 +148,7 @@ fn copy_differences(
 ) -> Result<(), ToolError> {
     let size = top.capacity();
     let map = super::map::map_entries(&args.file, Some(Format::Qcow2), 0, None)?;
-    let st = FileStorage::open(
-        &args.file,
-        OpenFlags {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let st = super::tools::open_read_only(&args.file)?;
     let cs = Header::read(&st)?.cluster_size();
     drop(st);
     let step = cs.max(64 << 10);

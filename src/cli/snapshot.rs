@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use super::tools::ToolError;
-use crate::qcow2::snapshot::{self, Snapshot};
+use crate::qcow2::snapshot_ops::{self as ops, Snapshot};
 use crate::storage::{FileStorage, OpenFlags};
 
 /// Arguments of `snapshot`.
@@ -149,7 +149,7 @@ pub fn run(args: &SnapshotArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         return Err(ToolError::BadArgument("snapshots need a qcow2 image"));
     }
     if args.list {
-        let snaps = snapshot::list(&st)?;
+        let snaps = ops::list(&st)?;
         if snaps.is_empty() {
             return Ok(0);
         }
@@ -165,11 +165,11 @@ pub fn run(args: &SnapshotArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         let sec = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
         // qemu-img keeps microseconds.
         let nsec = now.subsec_micros() * 1000;
-        snapshot::create(&st, name, (sec, nsec))?;
+        ops::create(&st, name, (sec, nsec))?;
     } else if let Some(name) = &args.apply {
-        snapshot::apply(&st, name)?;
+        ops::apply(&st, name)?;
     } else if let Some(name) = &args.delete {
-        snapshot::delete(&st, name)?;
+        ops::delete(&st, name)?;
     }
     Ok(0)
 }

@@ -31,6 +31,41 @@ pub enum ToolError {
     Encrypt(#[from] super::encrypt::EncryptArgsError),
 }
 
+/// Opens a file read-only through the page cache.
+pub fn open_read_only(path: &std::path::Path) -> Result<crate::storage::FileStorage, ToolError> {
+    Ok(crate::storage::FileStorage::open(
+        path,
+        crate::storage::OpenFlags {
+            read_only: true,
+            direct: false,
+        },
+    )?)
+}
+
+/// Opens an image with `opts`; if it turns out to be encrypted, reads the passphrase from `key`
+/// (file, fd or prompt) once, keeps it in `secret` for the next image, and opens it again.
+pub fn open_image(
+    path: &std::path::Path,
+    opts: &crate::image::OpenOptions,
+    key: &super::keyslot::KeyArgs,
+    secret: &mut Option<crate::crypto::secret::Passphrase>,
+) -> Result<Box<dyn crate::image::BlockImage>, ToolError> {
+    use crate::image::{open_with_secret, ImageError};
+    match open_with_secret(path, opts, secret.as_ref()) {
+        Err(ImageError::NeedKey(_)) | Err(ImageError::Qcow2(crate::qcow2::Error::NeedKey(_)))
+            if secret.is_none() =>
+        {
+            let p = key
+                .source()
+                .read(&format!("Passphrase for {}: ", path.display()), false)
+                .map_err(|_| ToolError::BadArgument("cannot read the passphrase"))?;
+            *secret = Some(p);
+            Ok(open_with_secret(path, opts, secret.as_ref())?)
+        }
+        r => Ok(r?),
+    }
+}
+
 /// Output format of `info` and `check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {
