@@ -46,4 +46,7 @@ impl BlockImage for LockedImage {
     fn discard_granularity(&self) -> u32 {
         self.image.discard_granularity()
     }
+    fn min_block_size(&self) -> u32 {
+        self.image.min_block_size()
+    }
 }
