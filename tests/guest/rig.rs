@@ -647,6 +647,8 @@ struct GuestReport {
     md5: Vec<(String, String)>,
     irqs: Vec<(String, u64)>,
     queues: Option<u32>,
+    /// The guest's logical block size of the disk.
+    lbs: Option<u64>,
     init_uptime: Option<f64>,
     done_uptime: Option<f64>,
     /// `E2E-TIME <step> <uptime>` markers.
@@ -676,6 +678,10 @@ fn parse_report(lines: &[String]) -> GuestReport {
                 }
             }
             Some("E2E-DISK:") => {
+                r.lbs = line[pos..]
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("lbs="))
+                    .and_then(|q| q.parse().ok());
                 r.queues = words
                     .find_map(|w| w.strip_prefix("queues="))
                     .and_then(|q| q.parse().ok());
@@ -990,6 +996,12 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
         fail(&format!(
             "the guest saw {:?} queues, expected {QUEUES}",
             report.queues
+        ));
+    }
+    if report.lbs != Some(case.block_size) {
+        fail(&format!(
+            "the guest saw a {:?}-byte logical block size, expected {}",
+            report.lbs, case.block_size
         ));
     }
     let used: Vec<_> = report.irqs.iter().filter(|(_, n)| *n > 0).collect();
