@@ -782,7 +782,7 @@ fn daemon_serves_cryptsetup_luks2_4096_sectors_with_4k_blocks_and_openssl_agrees
     let h = header(&img);
     let key = d.join("pw");
     let sock = d.join("l2.sock");
-    let mut child = spawn_serve(
+    let child = spawn_serve(
         &sock,
         &img,
         &[
@@ -792,6 +792,15 @@ fn daemon_serves_cryptsetup_luks2_4096_sectors_with_4k_blocks_and_openssl_agrees
             "1",
         ],
     );
+    // Killed on drop, also when an assertion fails.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
     let t = std::time::Instant::now();
     let mut b = loop {
         let mut b = Blkio::new("virtio-blk-vhost-user").expect("blkio");
@@ -850,6 +859,5 @@ fn daemon_serves_cryptsetup_luks2_4096_sectors_with_4k_blocks_and_openssl_agrees
     assert!(buf[..4096] == data[..4096]);
     drop(out);
     drop(b);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
