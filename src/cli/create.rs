@@ -189,6 +189,9 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let size = size
         .checked_next_multiple_of(512)
         .ok_or(ToolError::BadArgument("the size is too large"))?;
+    if let Some(params) = args.encrypt.luks2_params()? {
+        return create_luks2(args, size, &params, out);
+    }
     let luks = args.encrypt.luks_params()?;
     if luks.is_some() && args.preallocation != PreallocArg::Off {
         // Preallocated clusters hold plaintext zeroes, which would read back as garbage.
@@ -280,6 +283,39 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             _ => "",
         },
         size
+    )?;
+    Ok(0)
+}
+
+/// `create -f raw --encrypt luks2`: a raw LUKS2 file as cryptsetup lays it out.
+fn create_luks2(
+    args: &CreateArgs,
+    size: u64,
+    params: &crate::crypto::luks::luks2::Luks2CreateParams,
+    out: &mut dyn Write,
+) -> Result<i32, ToolError> {
+    if args.format != CreateFormat::Raw {
+        return Err(ToolError::BadArgument(
+            "LUKS2 is for raw images (-f raw); qcow2 encryption is LUKS1, as QEMU's",
+        ));
+    }
+    if args.backing.is_some() || args.preallocation != PreallocArg::Off {
+        return Err(ToolError::BadArgument(
+            "LUKS2 images have no backing file or preallocation",
+        ));
+    }
+    if !size.is_multiple_of(u64::from(params.sector_size)) {
+        return Err(ToolError::BadArgument(
+            "the size must be a multiple of the sector size",
+        ));
+    }
+    let pass = args.encrypt.new_passphrase()?;
+    crate::image::luks::LuksImage::create_luks2(&args.file, size, params, &pass)?;
+    writeln!(
+        out,
+        "Formatting '{}', fmt=luks2 size={size} sector-size={}",
+        args.file.display(),
+        params.sector_size
     )?;
     Ok(0)
 }

@@ -43,6 +43,20 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
             v.insert("virtual-size".into(), json!(meta.len()));
             v.insert("dirty-flag".into(), json!(false));
         }
+        Format::Luks if crate::crypto::luks::luks2::luks_version(&st)? == Some(2) => {
+            let h = crate::crypto::luks::luks2::Luks2Header::read(&st)
+                .map_err(|e| image::ImageError::from(crate::crypto::luks::LuksError::from(e)))?;
+            let seg = &h.meta.segment;
+            let unit = u64::from(seg.sector_size);
+            let size = seg.size.unwrap_or(meta.len().saturating_sub(seg.offset)) / unit * unit;
+            v.insert("virtual-size".into(), json!(size));
+            v.insert("encrypted".into(), json!(true));
+            v.insert("dirty-flag".into(), json!(false));
+            v.insert(
+                "format-specific".into(),
+                json!({"type": "luks2", "data": super::luks2_info::to_json(&h)}),
+            );
+        }
         Format::Luks => {
             let area =
                 crate::crypto::luks::LuksArea::whole(&st).map_err(image::ImageError::from)?;

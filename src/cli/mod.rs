@@ -18,6 +18,7 @@ pub mod generate;
 pub mod info;
 pub mod keyslot;
 pub mod log_filter;
+pub mod luks2_info;
 pub mod map;
 pub mod measure;
 pub mod rebase;

@@ -184,6 +184,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         data_file: args.access.data_file.clone(),
         locking: args.access.share.locking(),
     };
+    args.key.apply_kdf_limits();
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
         forbid_core_dumps();
@@ -205,6 +206,11 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         source,
     })?);
     drop(secret);
+    // LUKS2 with 4096-byte encryption sectors needs 4096-byte logical blocks.
+    let opts = BlkOptions {
+        logical_block_size: opts.logical_block_size.max(image.min_block_size()),
+        ..opts
+    };
     // Validate the options against the image before creating the socket.
     let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 

@@ -115,7 +115,7 @@ impl ClusterCrypt for QcowAesClusterCrypt {
     }
 }
 
-/// Whether `storage` starts with the LUKS magic (any version; version 2 is refused on open).
+/// Whether `storage` starts with the LUKS magic (LUKS1 or LUKS2; both open as raw LUKS).
 pub fn is_luks(storage: &dyn Storage) -> Result<bool> {
     if storage.len()? < 6 {
         return Ok(false);

@@ -101,6 +101,11 @@ pub trait BlockImage: Send + Sync {
     fn resize(&self, _new_size: u64) -> Result<()> {
         Err(ImageError::Unsupported)
     }
+    /// Smallest logical block size the image can serve (LUKS2 with 4096-byte encryption
+    /// sectors: 4096); the daemon advertises at least this.
+    fn min_block_size(&self) -> u32 {
+        512
+    }
 }
 
 /// Checks that `offset..offset+len` lies within `capacity`.
