@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::check::{check_with_progress, CheckResult, Repair};
-use crate::storage::{FileStorage, OpenFlags};
+use crate::storage::OpenFlags;
 
 /// What `--repair` fixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,14 +72,14 @@ pub fn exit_code(r: &CheckResult) -> i32 {
 
 /// Runs `check`; returns the exit code.
 pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
-    let st = FileStorage::open(
+    let st = crate::rbd::open_storage(
         &args.file,
         OpenFlags {
             read_only: args.repair.is_none(),
             direct: false,
         },
     )?;
-    if image::detect_format(&st)? != Format::Qcow2 {
+    if image::detect_format(&*st)? != Format::Qcow2 {
         writeln!(out, "This image format does not support checks")?;
         return Ok(63);
     }
@@ -94,7 +94,7 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             eprint!("\r    ({:.2}/100%)", done as f64 * 100.0 / total as f64);
         }
     };
-    let r = check_with_progress(&st, repair, tty.then_some(&show as &dyn Fn(u64, u64)))?;
+    let r = check_with_progress(&*st, repair, tty.then_some(&show as &dyn Fn(u64, u64)))?;
     if tty {
         eprint!("\r    (100.00/100%)\n");
     }

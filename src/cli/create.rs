@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::tools::{parse_size, ToolError};
 use crate::image::{self, Format, OpenOptions};
-use crate::qcow2::create::{create, CreateOptions, Preallocation};
+use crate::qcow2::create::{create_on, CreateOptions, Preallocation};
 
 /// Image format to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -122,15 +122,12 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&args.file)?;
-            f.set_len(size)?;
+            // A new file, or an rbd: image.
+            let st = crate::rbd::create_new(&args.file)?;
+            st.set_len(size)?;
             if args.preallocation == PreallocArg::Full {
-                let st = crate::storage::FileStorage::from_file(f, args.file.display().to_string());
-                crate::storage::Storage::write_zeroes(&st, 0, size)?;
-                crate::storage::Storage::sync(&st)?;
+                st.write_zeroes(0, size)?;
+                st.sync()?;
             }
         }
         CreateFormat::Qcow2 => {
@@ -158,7 +155,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                     crate::image::crypt::create_qcow2_luks(&args.file, &opts, params, pass)?
                 }
                 _ => {
-                    create(&args.file, &opts)?;
+                    create_on(crate::rbd::create_new(&args.file)?, &opts)?;
                 }
             }
         }

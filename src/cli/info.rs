@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::Header;
-use crate::storage::{FileStorage, OpenFlags};
+use crate::storage::OpenFlags;
 
 /// Arguments of `info`.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,7 +26,7 @@ pub struct InfoArgs {
 
 /// The facts `qemu-img info --output=json` reports, under its field names.
 pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError> {
-    let st = FileStorage::open(
+    let st = crate::rbd::open_storage(
         path,
         OpenFlags {
             read_only: true,
@@ -35,9 +35,9 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
     )?;
     let format = match format {
         Some(f) => f,
-        None => image::detect_format(&st)?,
+        None => image::detect_format(&*st)?,
     };
-    let meta = std::fs::metadata(path)?;
+    let meta = StorageMeta::of(path, &*st)?;
     let mut v = Map::new();
     v.insert("filename".into(), json!(path.display().to_string()));
     v.insert("format".into(), json!(format.name()));
@@ -49,7 +49,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
         }
         Format::Luks => {
             let area =
-                crate::crypto::luks::LuksArea::whole(&st).map_err(image::ImageError::from)?;
+                crate::crypto::luks::LuksArea::whole(&*st).map_err(image::ImageError::from)?;
             let h = crate::crypto::luks::keyslot::read_header(&area)
                 .map_err(image::ImageError::from)?;
             let payload = h.payload_offset_bytes();
@@ -65,7 +65,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
             );
         }
         Format::Qcow2 => {
-            let h = Header::read(&st)?;
+            let h = Header::read(&*st)?;
             v.insert("virtual-size".into(), json!(h.size));
             v.insert("cluster-size".into(), json!(h.cluster_size()));
             v.insert("dirty-flag".into(), json!(h.is_dirty()));
@@ -106,7 +106,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                         .fde
                         .and_then(|(base, len)| {
                             let area =
-                                crate::crypto::luks::LuksArea::region(&st, base, len).ok()?;
+                                crate::crypto::luks::LuksArea::region(&*st, base, len).ok()?;
                             crate::crypto::luks::keyslot::read_header(&area).ok()
                         })
                         .map(|lh| super::keyslot::qemu_info_json(&lh));
@@ -218,4 +218,36 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         }
     }
     Ok(0)
+}
+
+/// The length and allocated bytes of the storage an image lives on: a file's metadata, or for an
+/// `rbd:` image its size (RBD does not report allocation cheaply; the size stands for both).
+struct StorageMeta {
+    len: u64,
+    allocated: u64,
+}
+
+impl StorageMeta {
+    fn of(path: &Path, st: &dyn crate::storage::Storage) -> Result<Self, ToolError> {
+        if path.to_str().is_some_and(crate::rbd::is_rbd) {
+            let len = st.len()?;
+            return Ok(StorageMeta {
+                len,
+                allocated: len,
+            });
+        }
+        let meta = std::fs::metadata(path)?;
+        Ok(StorageMeta {
+            len: meta.len(),
+            allocated: meta.blocks() * 512,
+        })
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn blocks(&self) -> u64 {
+        self.allocated / 512
+    }
 }

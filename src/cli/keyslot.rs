@@ -15,7 +15,7 @@ use crate::crypto::luks::{
     self, keyslot::read_header, Iterations, LuksArea, LuksError, LuksHeader, LuksVolume,
 };
 use crate::crypto::secret::{KeySource, SecretError};
-use crate::storage::{FileStorage, OpenFlags, Storage, StorageError};
+use crate::storage::{OpenFlags, Storage, StorageError};
 
 /// Errors of `keyslot`.
 #[derive(Debug, Error)]
@@ -121,8 +121,8 @@ pub struct KeyslotArgs {
     pub command: KeyslotCommand,
 }
 
-fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotError> {
-    FileStorage::open(
+fn open_storage(path: &Path, read_only: bool) -> Result<Box<dyn Storage>, KeyslotError> {
+    crate::rbd::open_storage(
         path,
         OpenFlags {
             read_only,
@@ -273,7 +273,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
     match args.command {
         KeyslotCommand::List { file, output } => {
             let st = open_storage(&file, true)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let h = read_header(&area).map_err(luks_err(&file))?;
             out.write_all(describe(&h, output).as_bytes())
                 .map_err(KeyslotError::Output)?;
@@ -285,7 +285,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             iter_time,
         } => {
             let st = open_storage(&file, false)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let pass = key
                 .source()
                 .read("Passphrase of an existing slot: ", false)?;
@@ -301,7 +301,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
         }
         KeyslotCommand::Remove { file, key, slot } => {
             let st = open_storage(&file, false)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let pass = key.source().read("Passphrase: ", false)?;
             let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;
             let slot = slot.or(vol.unlocked_slot()).unwrap_or(0);

@@ -17,7 +17,7 @@ use crate::crypto::luks::{self, CreateParams, LuksArea, LuksHeader, LuksVolume};
 use crate::crypto::secret::Passphrase;
 use crate::crypto::sector::SectorCipher;
 use crate::crypto::SECTOR_SIZE;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 
 /// Largest bounce buffer a worker keeps (and largest chunk written at once).
 pub const BOUNCE_MAX: usize = 1 << 20;
@@ -185,7 +185,7 @@ impl LuksImage {
         params: &CreateParams,
         pass: &Passphrase,
     ) -> Result<Self> {
-        let storage = FileStorage::create(path)?;
+        let storage = crate::rbd::create_new(path)?; // a file, or an rbd: image
         let area_len = luks::create::area_len(&params.spec)?;
         let size = size
             .checked_next_multiple_of(SECTOR)
@@ -197,11 +197,11 @@ impl LuksImage {
             })?;
         storage.set_len(size)?;
         let vol = {
-            let area = LuksArea::whole(&storage)?;
+            let area = LuksArea::whole(&*storage)?;
             luks::create::format(&area, params, pass)?
         };
         storage.sync()?;
-        Self::from_volume(Box::new(storage), false, &vol)
+        Self::from_volume(storage, false, &vol)
     }
 
     /// The LUKS header.

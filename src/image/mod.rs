@@ -176,7 +176,7 @@ pub fn open_with_secret(
 /// Resolves a backing file name as QEMU does: absolute, or relative to the overlay's directory.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
-    if p.is_absolute() {
+    if p.is_absolute() || crate::rbd::is_rbd(name) {
         p.to_path_buf()
     } else {
         overlay.parent().unwrap_or(Path::new("")).join(p)
@@ -205,7 +205,8 @@ fn open_chain(
     }
     chain.push(canon);
     // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
-    let storage = FileStorage::open(
+    // A file, or an RBD image for an `rbd:` name (src/rbd).
+    let storage = crate::rbd::open_storage(
         path,
         OpenFlags {
             read_only: opts.read_only,
@@ -214,7 +215,7 @@ fn open_chain(
     )?;
     let format = match opts.format {
         Some(f) => f,
-        None => detect_format(&storage)?,
+        None => detect_format(&*storage)?,
     };
     if opts.direct && format != Format::Raw {
         // Metadata and crypto paths do small, unaligned I/O that O_DIRECT refuses.
@@ -225,7 +226,8 @@ fn open_chain(
     match format {
         Format::Raw => {
             let storage = if opts.direct {
-                FileStorage::open(
+                drop(storage); // an RBD image's lock is held by one handle at a time
+                crate::rbd::open_storage(
                     path,
                     OpenFlags {
                         read_only: opts.read_only,
@@ -235,19 +237,16 @@ fn open_chain(
             } else {
                 storage
             };
-            Ok(Box::new(raw::RawImage::new(
-                Box::new(storage) as Box<dyn Storage>,
-                opts.read_only,
-            )?))
+            Ok(Box::new(raw::RawImage::new(storage, opts.read_only)?))
         }
         Format::Luks => Ok(Box::new(crypt::open_raw_luks(
-            Box::new(storage),
+            storage,
             opts.read_only,
             secret,
         )?)),
         Format::Qcow2 => {
-            let probe = crate::qcow2::probe(&storage)?;
-            let crypt = crypt::qcow2_crypt(&storage, &probe, secret)?;
+            let probe = crate::qcow2::probe(&*storage)?;
+            let crypt = crypt::qcow2_crypt(&*storage, &probe, secret)?;
             let backing = open_backing(path, &probe.header, opts, secret, chain)?;
             let data = match &probe.header.data_file {
                 None => None,
@@ -260,7 +259,7 @@ fn open_chain(
                 )?) as Box<dyn Storage>),
             };
             let q = crate::qcow2::Qcow2::open_with_data_file(
-                Box::new(storage),
+                storage,
                 data,
                 &crate::qcow2::Qcow2Options {
                     read_only: opts.read_only,
