@@ -12,11 +12,18 @@
 //! only cooperating tools honour, and which stays behind if the process dies
 //! (`rbd lock rm` clears it).
 //!
+//! Exit: the daemon leaves with `exit()` from its signal thread, without closing the image. An
+//! `atexit` handler releases every lock still held (and only that: worker threads may still be
+//! inside librbd), so the next writer finds the image unowned at once. A process killed with
+//! SIGKILL cannot: its lock is broken by the next writer once the OSD has dropped the dead
+//! client's watch (`osd_client_watch_timeout`, 30 s by default); until then opening refuses.
+//!
 //! Live migration hand-over: the source daemon releases the lock when it closes the image
 //! (`rbd_lock_release`, then close), which happens when it exits; the destination then opens
 //! read-write. `release` and `acquire` are the calls a control-socket hand-over would use.
 
 use std::ffi::{c_char, c_int, CStr, CString};
+use std::sync::{Mutex, Once};
 
 use super::ffi::{Api, Image, Watcher, FEATURE_EXCLUSIVE_LOCK, LOCK_MODE_EXCLUSIVE};
 use super::{errno, RbdError};
@@ -158,7 +165,10 @@ pub(crate) fn acquire(api: &Api, image: Image, spec: &str) -> Result<Held, RbdEr
     // SAFETY: `image` is open.
     let r = unsafe { (api.rbd_lock_acquire)(image, LOCK_MODE_EXCLUSIVE) };
     match r {
-        0 => Ok(Held::Exclusive),
+        0 => {
+            register(image);
+            Ok(Held::Exclusive)
+        }
         r if r == -libc::EROFS || r == -libc::EBUSY => Err(RbdError::Locked {
             image: spec.to_owned(),
             owner: "another client".to_owned(),
@@ -167,8 +177,47 @@ pub(crate) fn acquire(api: &Api, image: Image, spec: &str) -> Result<Held, RbdEr
     }
 }
 
+/// Images whose exclusive lock we hold, for the exit handler (as addresses: raw pointers are not
+/// `Send`).
+static HELD: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+extern "C" fn release_at_exit() {
+    let Ok(api) = super::ffi::api() else {
+        return;
+    };
+    // try_lock: never block exit behind a thread that died holding the list.
+    if let Ok(list) = HELD.try_lock() {
+        for &image in list.iter() {
+            // SAFETY: an address in HELD is an open image whose lock we hold (Drop removes it
+            // before closing); librbd's calls are thread-safe.
+            unsafe { (api.rbd_lock_release)(image as Image) };
+        }
+    }
+}
+
+/// Remembers that we hold `image`'s exclusive lock, for the exit handler.
+fn register(image: Image) {
+    static AT_EXIT: Once = Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain extern "C" function without arguments.
+        if unsafe { libc::atexit(release_at_exit) } != 0 {
+            log::warn!("cannot register the RBD lock release at exit");
+        }
+    });
+    if let Ok(mut list) = HELD.lock() {
+        list.push(image as usize);
+    }
+}
+
+fn unregister(image: Image) {
+    if let Ok(mut list) = HELD.lock() {
+        list.retain(|&i| i != image as usize);
+    }
+}
+
 /// Gives up write ownership (before close, or for a migration hand-over).
 pub(crate) fn release(api: &Api, image: Image, held: &Held) {
+    unregister(image);
     let r = match held {
         Held::None => 0,
         // SAFETY: `image` is open and we hold its exclusive lock.

@@ -365,7 +365,7 @@ impl RbdStorage {
 impl Drop for RbdStorage {
     fn drop(&mut self) {
         let api = self.api();
-        if !self.read_only {
+        if self.holds_lock() {
             // Make what was written durable before giving the image up (a clean close).
             let image = self.image;
             // SAFETY: open image.
