@@ -8,6 +8,12 @@
 #![allow(clippy::cast_possible_truncation)]
 
 mod common;
+#[allow(dead_code)] // the RBD test uses part of the rig
+#[path = "guest/rig.rs"]
+mod rig;
+#[allow(dead_code)]
+#[path = "guest/vm.rs"]
+mod vm;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -812,4 +818,19 @@ fn wrong_pool_or_image_fails_clearly() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{name}: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real guest
+
+/// A QEMU guest (TCG) runs fio with crc32c verify on both queues against a qcow2 image in RBD
+/// served by the daemon; afterwards qemu-io reads the guest's data back on the same rbd: name and
+/// `qemu-img check` is clean (the e2e rig, docs/testing.md; `VUQ_SKIP_E2E=1` skips it).
+#[test]
+fn guest_fio_verify_on_an_rbd_qcow2_image_via_daemon() {
+    let Some((c, _g)) = shared() else { return };
+    let mut case = rig::ImageCase::qcow2();
+    case.name = "rbd-qcow2";
+    case.location = Some(PathBuf::from(c.name("guest-qcow2")));
+    rig::run_guest_fio(&case, rig::Backend::Daemon);
 }

@@ -201,6 +201,9 @@ pub struct ImageCase {
     /// The image is encrypted: the plaintext patterns the guest and the host wrote must not
     /// appear anywhere in the file.
     pub encrypted: bool,
+    /// Where the image lives when not in the test's temp dir: an `rbd:POOL/IMAGE:conf=…` name
+    /// (QEMU's tools reach it with `file.driver=rbd`).
+    pub location: Option<PathBuf>,
 }
 
 impl ImageCase {
@@ -220,6 +223,7 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: false,
             encrypted: false,
+            location: None,
         }
     }
 
@@ -236,6 +240,7 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: true,
             encrypted: false,
+            location: None,
         }
     }
 
@@ -271,6 +276,7 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: true,
             encrypted: true,
+            location: None,
         }
     }
 
@@ -302,6 +308,7 @@ impl ImageCase {
             base: None,
             qemu_img_check: false,
             encrypted: true,
+            location: None,
         }
     }
 
@@ -349,13 +356,15 @@ impl ImageCase {
             base: Some(BASE_FILLS.to_vec()),
             qemu_img_check: true,
             encrypted: false,
+            location: None,
         }
     }
 
     fn image_opts(&self, image: &Path) -> String {
         format!(
-            "{},file.driver=file,file.filename={}",
+            "{},file.driver={},file.filename={}",
             self.format_opts,
+            file_driver(image),
             image.display()
         )
     }
@@ -526,9 +535,22 @@ fn expected_layout(base: Option<&[Fill]>) -> Vec<Region> {
 }
 
 /// The default [`QsdView`]: the image file under the case's format options.
+/// QEMU's protocol driver for an image location: `rbd` for an `rbd:` name, else `file`.
+fn file_driver(image: &Path) -> &'static str {
+    if image.to_str().is_some_and(|s| s.starts_with("rbd:")) {
+        "rbd"
+    } else {
+        "file"
+    }
+}
+
 fn qsd_blockdevs(format_opts: &str, file: &Path) -> Vec<String> {
     vec![
-        format!("driver=file,filename={},node-name=f", file.display()),
+        format!(
+            "driver={},filename={},node-name=f",
+            file_driver(file),
+            file.display()
+        ),
         format!("{format_opts},file=f,node-name=d"),
     ]
 }
@@ -884,7 +906,10 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
     let t_built = Instant::now();
 
     let dir = temp_dir();
-    let image = dir.path().join(format!("disk.{}", case.name));
+    let image = case
+        .location
+        .clone()
+        .unwrap_or_else(|| dir.path().join(format!("disk.{}", case.name)));
     let socket = dir.path().join("vhost.sock");
     let backend_log = dir.path().join("backend.log");
     let backing_files = (case.create)(&image, DISK_SIZE)
