@@ -75,13 +75,26 @@ pub fn exit_code(r: &CheckResult) -> i32 {
 
 /// Runs `check`; returns the exit code.
 pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
-    let st = crate::rbd::open_storage(
-        &args.file,
-        OpenFlags {
-            read_only: args.repair.is_none(),
-            direct: false,
-        },
-    )?;
+    // A repair writes: it takes QEMU's write lock (refused while a VM or daemon uses the image);
+    // a plain check reads without locking, as `qemu-img check -U`. An `rbd:` image takes RBD's
+    // exclusive lock instead when repairing (src/rbd).
+    let read_only = args.repair.is_none();
+    let locking = if read_only {
+        image::Locking::Off
+    } else {
+        image::Locking::On
+    };
+    let (st, _lock): (Box<dyn crate::storage::Storage>, _) =
+        if args.file.to_str().is_some_and(crate::rbd::is_rbd) {
+            let flags = OpenFlags {
+                read_only,
+                direct: false,
+            };
+            (crate::rbd::open_storage(&args.file, flags)?, None)
+        } else {
+            let (st, lock) = image::open_file_locked(&args.file, read_only, locking)?;
+            (Box::new(st), lock)
+        };
     let format = match args.format.as_deref() {
         None => image::detect_format(&*st)?,
         Some(f) => Format::from_name(f)
