@@ -9,6 +9,7 @@ use thiserror::Error;
 pub mod access;
 pub mod check;
 pub mod compare;
+pub mod control;
 pub mod convert;
 pub mod create;
 pub mod create_opts;
@@ -20,6 +21,7 @@ pub mod log_filter;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod resize;
 pub mod serve;
 pub mod snapshot;
 pub mod socket;
@@ -59,6 +61,10 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Change the backing file of a qcow2 image (as `qemu-img rebase`).
     Rebase(rebase::RebaseArgs),
+    /// Ask a running daemon (its --control-socket): query, or resize the disk live.
+    Control(control::ControlArgs),
+    /// Change an image's size offline (as `qemu-img resize`).
+    Resize(resize::ResizeArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -93,6 +99,8 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Snapshot(args) => snapshot::run(&args, &mut out)?,
         Command::Rebase(args) => rebase::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
+        Command::Control(args) => control::run(&args, &mut out)?,
+        Command::Resize(args) => resize::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
             0
@@ -113,4 +121,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+/// Backend program conventions (vhost-user.rst): management tools start a backend as
+/// `PROGRAM --socket-path PATH ...`, `PROGRAM --fd N ...` or `PROGRAM --print-capabilities`,
+/// without a subcommand. If the first argument is an option other than --help/--version, the
+/// arguments are taken as `serve`'s.
+pub fn with_implied_serve(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let implied = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| a.starts_with("--") && !matches!(a, "--help" | "--version"));
+    if !implied {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    out.push("serve".into());
+    out.extend(it);
+    out
 }

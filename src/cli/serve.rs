@@ -15,8 +15,8 @@ use clap::Args;
 use thiserror::Error;
 
 use crate::image::{self, BlockImage, ImageError, OpenOptions};
-use crate::vhost_user::backend::{BackendError, BlkOptions};
 use crate::vhost_user::{self, DaemonError};
+use crate::virtio_blk::device::{BlkDevice, BlkOptions, DeviceError};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// Print the backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Serve a control socket (mode 0600, JSON lines: `query`, `resize`) at PATH; see
+    /// `vhost-user-qcow2 control`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Passphrase of an encrypted image (LUKS raw or in qcow2, legacy qcow2 AES). Without
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
@@ -122,7 +126,7 @@ pub enum ServeError {
         source: io::Error,
     },
     #[error("invalid options")]
-    Options(#[source] BackendError),
+    Options(#[source] DeviceError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -202,9 +206,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     })?);
     drop(secret);
     // Validate the options against the image before creating the socket.
-    let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
-    crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
-        .map_err(ServeError::Options)?;
+    let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 
     let systemd_fd = super::systemd::listen_fd().map_err(ServeError::SocketActivation)?;
     let (listener, guard) = match (&args.socket_path, args.fd.or(systemd_fd)) {
@@ -232,7 +234,15 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
-    let r = vhost_user::serve(listener, image, &opts, args.once);
+    let export = Arc::new(vhost_user::Export::new(dev));
+    if let Some(path) = &args.control_socket {
+        vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!("control socket on {}", path.display());
+    }
+    let r = vhost_user::serve(listener, export, args.once);
     drop(guard);
     Ok(r?)
 }
