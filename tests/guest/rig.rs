@@ -1301,6 +1301,7 @@ pub fn run_guest_live_resize(case: &ImageCase, new_size: u64) {
         base: None,
         qemu_img_check: case.qemu_img_check,
         encrypted: case.encrypted,
+        location: case.location.clone(),
     };
     let old_sectors = DISK_SIZE / 512;
     let new_sectors = new_size / 512;
