@@ -98,6 +98,7 @@ fn case(name: &'static str, sector_size: u64) -> ImageCase {
                 Ok(())
             }),
         }),
+        location: None,
     }
 }
 

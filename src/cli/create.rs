@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::tools::{parse_size, ToolError};
 use crate::image::{self, Format, OpenOptions};
-use crate::qcow2::create::{create, CreateOptions, Preallocation};
+use crate::qcow2::create::{create_on, CreateOptions, Preallocation};
 
 /// Image format to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -216,14 +216,24 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&args.file)?;
-            f.set_len(size)?;
+            // A new file, or an rbd: image.
+            let st = crate::rbd::create_new(&args.file)?;
+            st.set_len(size)?;
             if args.preallocation == PreallocArg::Full {
-                let st = crate::storage::FileStorage::from_file(f, args.file.display().to_string());
-                allocate_holes(&st, &args.file)?;
+                if crate::rbd::is_rbd(&args.file.to_string_lossy()) {
+                    st.write_zeroes(0, size)?;
+                    st.sync()?;
+                } else {
+                    drop(st);
+                    let st = crate::storage::FileStorage::open(
+                        &args.file,
+                        crate::storage::OpenFlags {
+                            read_only: false,
+                            direct: false,
+                        },
+                    )?;
+                    allocate_holes(&st, &args.file)?;
+                }
             }
         }
         CreateFormat::Qcow2 => {
@@ -254,10 +264,13 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                     crate::image::crypt::create_qcow2_luks(&args.file, &opts, params, pass)?
                 }
                 _ => {
-                    create(&args.file, &opts)?;
+                    create_on(crate::rbd::create_new(&args.file)?, &opts)?;
                 }
             }
-            if args.preallocation == PreallocArg::Full {
+            // (RBD images are thin whatever is written: nothing to fill there.)
+            if args.preallocation == PreallocArg::Full
+                && !crate::rbd::is_rbd(&args.file.to_string_lossy())
+            {
                 let st = crate::storage::FileStorage::open(
                     &args.file,
                     crate::storage::OpenFlags {

@@ -18,7 +18,7 @@ use crate::crypto::luks::{
     self, keyslot::read_header, Iterations, LuksArea, LuksError, LuksHeader, LuksVolume,
 };
 use crate::crypto::secret::{KeySource, SecretError};
-use crate::storage::{FileStorage, OpenFlags, Storage, StorageError};
+use crate::storage::{OpenFlags, Storage, StorageError};
 
 /// Errors of `keyslot`.
 #[derive(Debug, Error)]
@@ -145,8 +145,8 @@ pub struct KeyslotArgs {
     pub command: KeyslotCommand,
 }
 
-fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotError> {
-    FileStorage::open(
+fn open_storage(path: &Path, read_only: bool) -> Result<Box<dyn Storage>, KeyslotError> {
+    crate::rbd::open_storage(
         path,
         OpenFlags {
             read_only,
@@ -160,15 +160,19 @@ fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotErro
 }
 
 /// Opens `path` for writing with QEMU's write lock (refused while the image is in use).
+/// An `rbd:` image takes RBD's exclusive lock instead (src/rbd).
 fn open_storage_locked(
     path: &Path,
-) -> Result<(FileStorage, Option<crate::lock::ImageLock>), KeyslotError> {
-    crate::image::open_file_locked(path, false, crate::image::Locking::On).map_err(|source| {
-        KeyslotError::Locked {
+) -> Result<(Box<dyn Storage>, Option<crate::lock::ImageLock>), KeyslotError> {
+    if path.to_str().is_some_and(crate::rbd::is_rbd) {
+        return Ok((open_storage(path, false)?, None));
+    }
+    let (st, lock) = crate::image::open_file_locked(path, false, crate::image::Locking::On)
+        .map_err(|source| KeyslotError::Locked {
             path: path.display().to_string(),
             source,
-        }
-    })
+        })?;
+    Ok((Box::new(st), lock))
 }
 
 /// The LUKS area of an image file: the FDE region of a qcow2 image, else the whole file.
@@ -328,7 +332,7 @@ fn l2(path: &Path) -> impl Fn(crate::crypto::luks::luks2::Luks2Error) -> Keyslot
 /// Runs `keyslot` on a raw LUKS2 file.
 fn run_luks2(
     command: KeyslotCommand,
-    st: &FileStorage,
+    st: &dyn Storage,
     header: crate::crypto::luks::luks2::Luks2Header,
     out: &mut dyn Write,
 ) -> Result<(), KeyslotError> {
@@ -390,8 +394,8 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
         } else {
             (open_storage(&file, true)?, None)
         };
-        if let Some(h) = luks2_header(&st, &file)? {
-            let r = run_luks2(args.command, &st, h, out);
+        if let Some(h) = luks2_header(st.as_ref(), &file)? {
+            let r = run_luks2(args.command, st.as_ref(), h, out);
             drop(lock);
             return r;
         }
@@ -399,7 +403,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
     match args.command {
         KeyslotCommand::List { file, output } => {
             let st = open_storage(&file, true)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let h = read_header(&area).map_err(luks_err(&file))?;
             out.write_all(describe(&h, output).as_bytes())
                 .map_err(KeyslotError::Output)?;
@@ -412,7 +416,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             ..
         } => {
             let (st, _lock) = open_storage_locked(&file)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let pass = key
                 .source()
                 .read("Passphrase of an existing slot: ", false)?;
@@ -428,7 +432,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
         }
         KeyslotCommand::Remove { file, key, slot } => {
             let (st, _lock) = open_storage_locked(&file)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let pass = key.source().read("Passphrase: ", false)?;
             let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;
             let slot = slot.or(vol.unlocked_slot()).unwrap_or(0);

@@ -27,7 +27,7 @@ use crate::crypto::luks::{self, CreateParams, LuksArea, LuksError, LuksHeader, L
 use crate::crypto::secret::Passphrase;
 use crate::crypto::secret::SecretBuf;
 use crate::crypto::SECTOR_SIZE;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 
 /// Largest bounce buffer a worker keeps (and largest chunk written at once).
 pub const BOUNCE_MAX: usize = 1 << 20;
@@ -230,7 +230,7 @@ impl LuksImage {
         params: &CreateParams,
         pass: &Passphrase,
     ) -> Result<Self> {
-        let storage = FileStorage::create(path)?;
+        let storage = crate::rbd::create_new(path)?; // a file, or an rbd: image
         let area_len = luks::create::area_len(&params.spec)?;
         let size = size
             .checked_next_multiple_of(SECTOR)
@@ -242,11 +242,11 @@ impl LuksImage {
             })?;
         storage.set_len(size)?;
         let vol = {
-            let area = LuksArea::whole(&storage)?;
+            let area = LuksArea::whole(&*storage)?;
             luks::create::format(&area, params, pass)?
         };
         storage.sync()?;
-        Self::from_volume(Box::new(storage), false, &vol)
+        Self::from_volume(storage, false, &vol)
     }
 
     /// Creates a raw LUKS2 file of `size` guest bytes at `path` with cryptsetup's default layout
@@ -257,7 +257,7 @@ impl LuksImage {
         params: &luks2::Luks2CreateParams,
         pass: &Passphrase,
     ) -> Result<Self> {
-        let storage = FileStorage::create(path)?;
+        let storage = crate::rbd::create_new(path)?; // a file, or an rbd: image
         let total = size
             .checked_next_multiple_of(SECTOR)
             .and_then(|s| s.checked_add(luks2::create::DEFAULT_DATA_OFFSET))
@@ -267,9 +267,9 @@ impl LuksImage {
                 capacity: u64::MAX,
             })?;
         storage.set_len(total)?;
-        let vol = luks2::create::format(&storage, params, pass).map_err(LuksError::from)?;
+        let vol = luks2::create::format(storage.as_ref(), params, pass).map_err(LuksError::from)?;
         storage.sync()?;
-        Self::from_luks2(Box::new(storage), false, &vol)
+        Self::from_luks2(storage, false, &vol)
     }
 
     /// The LUKS1 header (None for LUKS2).

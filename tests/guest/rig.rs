@@ -216,6 +216,9 @@ pub struct ImageCase {
     /// For formats QEMU cannot open (LUKS2): how the host writes and reads plaintext instead of
     /// qemu-io / qemu-img on the image (then qemu-io checks a plaintext raw export).
     pub plain: Option<PlainAccess>,
+    /// Where the image lives when not in the test's temp dir: an `rbd:POOL/IMAGE:conf=…` name
+    /// (QEMU's tools reach it with `file.driver=rbd`).
+    pub location: Option<PathBuf>,
 }
 
 /// Writes `len` bytes of `byte` at `offset` of the guest disk of an image.
@@ -248,6 +251,7 @@ impl ImageCase {
             encrypted: false,
             block_size: 512,
             plain: None,
+            location: None,
         }
     }
 
@@ -266,6 +270,7 @@ impl ImageCase {
             encrypted: false,
             block_size: 512,
             plain: None,
+            location: None,
         }
     }
 
@@ -303,6 +308,7 @@ impl ImageCase {
             encrypted: true,
             block_size: 512,
             plain: None,
+            location: None,
         }
     }
 
@@ -336,6 +342,7 @@ impl ImageCase {
             encrypted: true,
             block_size: 512,
             plain: None,
+            location: None,
         }
     }
 
@@ -385,13 +392,15 @@ impl ImageCase {
             encrypted: false,
             block_size: 512,
             plain: None,
+            location: None,
         }
     }
 
     fn image_opts(&self, image: &Path) -> String {
         format!(
-            "{},file.driver=file,file.filename={}",
+            "{},file.driver={},file.filename={}",
             self.format_opts,
+            file_driver(image),
             image.display()
         )
     }
@@ -562,9 +571,22 @@ fn expected_layout(base: Option<&[Fill]>, bs: u64) -> Vec<Region> {
 }
 
 /// The default [`QsdView`]: the image file under the case's format options.
+/// QEMU's protocol driver for an image location: `rbd` for an `rbd:` name, else `file`.
+fn file_driver(image: &Path) -> &'static str {
+    if image.to_str().is_some_and(|s| s.starts_with("rbd:")) {
+        "rbd"
+    } else {
+        "file"
+    }
+}
+
 fn qsd_blockdevs(format_opts: &str, file: &Path) -> Vec<String> {
     vec![
-        format!("driver=file,filename={},node-name=f", file.display()),
+        format!(
+            "driver={},filename={},node-name=f",
+            file_driver(file),
+            file.display()
+        ),
         format!("{format_opts},file=f,node-name=d"),
     ]
 }
@@ -926,7 +948,10 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
     let t_built = Instant::now();
 
     let dir = temp_dir();
-    let image = dir.path().join(format!("disk.{}", case.name));
+    let image = case
+        .location
+        .clone()
+        .unwrap_or_else(|| dir.path().join(format!("disk.{}", case.name)));
     let socket = dir.path().join("vhost.sock");
     let backend_log = dir.path().join("backend.log");
     let backing_files = (case.create)(&image, DISK_SIZE)
@@ -1342,6 +1367,7 @@ pub fn run_guest_live_resize(case: &ImageCase, new_size: u64) {
         block_size: case.block_size,
         // Live resize runs on formats QEMU opens: no plaintext side channel needed.
         plain: None,
+        location: case.location.clone(),
     };
     let old_sectors = DISK_SIZE / 512;
     let new_sectors = new_size / 512;
