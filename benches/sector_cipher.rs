@@ -248,15 +248,15 @@ fn main() {
         EnginePath::Portable,
         EnginePath::Soft,
     ]
-        .into_iter()
-        .filter(|p| {
-            let ok = p.is_available();
-            if !ok {
-                println!("note: path {p} not available on this CPU, skipped");
-            }
-            ok
-        })
-        .collect();
+    .into_iter()
+    .filter(|p| {
+        let ok = p.is_available();
+        if !ok {
+            println!("note: path {p} not available on this CPU, skipped");
+        }
+        ok
+    })
+    .collect();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

@@ -204,7 +204,7 @@ fn open_chain(
         });
     }
     chain.push(canon);
-    // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
+    // Probe through the page cache (small header reads), then switch to O_DIRECT.
     let storage = FileStorage::open(
         path,
         OpenFlags {
@@ -216,30 +216,16 @@ fn open_chain(
         Some(f) => f,
         None => detect_format(&storage)?,
     };
-    if opts.direct && format != Format::Raw {
-        // Metadata and crypto paths do small, unaligned I/O that O_DIRECT refuses.
-        return Err(ImageError::DirectUnsupported {
-            format: format.name(),
-        });
+    // O_DIRECT from here on (the storage layer bounces what is not aligned).
+    let mut storage = storage;
+    if opts.direct {
+        storage.set_direct(true)?;
     }
     match format {
-        Format::Raw => {
-            let storage = if opts.direct {
-                FileStorage::open(
-                    path,
-                    OpenFlags {
-                        read_only: opts.read_only,
-                        direct: true,
-                    },
-                )?
-            } else {
-                storage
-            };
-            Ok(Box::new(raw::RawImage::new(
-                Box::new(storage) as Box<dyn Storage>,
-                opts.read_only,
-            )?))
-        }
+        Format::Raw => Ok(Box::new(raw::RawImage::new(
+            Box::new(storage) as Box<dyn Storage>,
+            opts.read_only,
+        )?)),
         Format::Luks => Ok(Box::new(crypt::open_raw_luks(
             Box::new(storage),
             opts.read_only,

@@ -263,13 +263,8 @@ impl Lanes for X4 {
     }
     #[inline(always)]
     unsafe fn from_u128(t: [u128; 4]) -> Self {
-        let x = |v: u128| {
-            let lo = i64::from_ne_bytes((v as u64).to_ne_bytes());
-            let hi = i64::from_ne_bytes(((v >> 64) as u64).to_ne_bytes());
-            // SAFETY: SSE2 is baseline.
-            unsafe { _mm_set_epi64x(hi, lo) }
-        };
-        X4([x(t[0]), x(t[1]), x(t[2]), x(t[3])])
+        // SAFETY: SSE2 is baseline; each load reads the 16 bytes of one u128.
+        X4(t.map(|v| unsafe { _mm_loadu_si128(std::ptr::from_ref(&v).cast()) }))
     }
     #[inline(always)]
     unsafe fn lanes_up(self, low: Self) -> Self {
