@@ -131,6 +131,11 @@ fn serve_round_trip_args(name: &str, make: &dyn Fn(&Path), extra: &[&str]) {
         let got = c.read((i * MIB) as u64, chunk.len());
         assert!(got == chunk, "{name}: MiB {i} differs from qemu's view");
     }
+    assert_eq!(
+        common::has_io_uring(child.id()),
+        extra.contains(&"io_uring"),
+        "{name}: io_uring in use"
+    );
     let writes: &[(u64, usize, u8)] = &[
         (512, 3 * 512, 0xB1),
         (65536 - 1024, 8192, 0xB2),
@@ -236,6 +241,17 @@ fn served_qcow2_with_direct_round_trips() {
         "v2-512-direct",
         &|i| seeded(i, "compat=0.10,cluster_size=512"),
         &["--direct"],
+    );
+    // The io_uring engine and ring polling, with and without O_DIRECT.
+    serve_round_trip_args(
+        "v3-direct-uring-poll",
+        &|i| seeded(i, ""),
+        &["--direct", "--aio", "io_uring", "--poll-us", "50"],
+    );
+    serve_round_trip_args(
+        "overlay-uring",
+        &|i| seeded(i, ""),
+        &["--aio", "io_uring", "--num-queues", "2"],
     );
 }
 

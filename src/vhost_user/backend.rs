@@ -53,6 +53,9 @@ pub struct BlkOptions {
     pub logical_block_size: u32,
     /// GET_ID answer (truncated to 20 bytes).
     pub serial: String,
+    /// `--poll-us`: after a batch, spin on the available ring this long (notifications left
+    /// suppressed) before sleeping on the kick eventfd. Zero: no polling.
+    pub poll_us: u64,
 }
 
 /// Errors building a backend.
@@ -83,6 +86,8 @@ pub struct BlkBackend {
     queue_size: u16,
     /// One per queue; each is only ever locked by that queue's worker thread.
     scratch: Vec<Mutex<Scratch>>,
+    /// How long a worker polls its ring after a batch (`BlkOptions::poll_us`).
+    poll: std::time::Duration,
 }
 
 impl BlkBackend {
@@ -181,6 +186,7 @@ impl BlkBackend {
             scratch: (0..opts.num_queues)
                 .map(|_| Mutex::new(Scratch::with_capacity(seg_max)))
                 .collect(),
+            poll: std::time::Duration::from_micros(opts.poll_us),
         })
     }
 
@@ -195,6 +201,24 @@ impl BlkBackend {
     /// The virtio features offered.
     pub fn offered_features(&self) -> u64 {
         self.features
+    }
+
+    /// Polls the ring for up to `self.poll`, serving what arrives; true if anything did.
+    fn poll_queue(&self, vring: &VringRwLock<GuestMemory>, queue: usize) -> io::Result<bool> {
+        if self.poll.is_zero() {
+            return Ok(false);
+        }
+        let deadline = std::time::Instant::now() + self.poll;
+        while std::time::Instant::now() < deadline {
+            if !vring.get_ref().get_queue().ready() {
+                return Ok(false);
+            }
+            if self.process_queue(vring, queue)? > 0 {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
+        }
+        Ok(false)
     }
 
     /// Serves every available chain of one queue; signals the guest once per batch. Returns
@@ -374,6 +398,12 @@ impl VhostUserBackend for BlkBackend {
                     break;
                 }
                 idle_rounds = if completed == 0 { idle_rounds + 1 } else { 0 };
+                // --poll-us: keep the kicks suppressed and look for work a while before
+                // going back to sleep on the eventfd.
+                if self.poll_queue(vring, thread_id)? {
+                    idle_rounds = 0;
+                    continue;
+                }
                 match vring.enable_notification() {
                     Ok(true) if idle_rounds < 2 => continue,
                     Ok(_) => break,
@@ -385,6 +415,7 @@ impl VhostUserBackend for BlkBackend {
             }
         } else {
             self.process_queue(vring, thread_id)?;
+            while self.poll_queue(vring, thread_id)? {}
         }
         Ok(())
     }

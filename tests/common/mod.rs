@@ -131,3 +131,12 @@ pub fn has_open_with_o_direct(pid: u32, path: &Path) -> bool {
         }
     })
 }
+
+/// Whether process `pid` holds an io_uring instance (an `anon_inode:[io_uring]` fd).
+pub fn has_io_uring(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("[io_uring]"))
+        })
+    })
+}
