@@ -53,7 +53,7 @@ impl std::fmt::Debug for UringEngine {
 }
 
 impl UringEngine {
-    /// A ring of [`RING_ENTRIES`] entries.
+    /// A ring of `RING_ENTRIES` (128) entries.
     pub fn new() -> io::Result<Self> {
         Ok(UringEngine {
             ring: IoUring::new(RING_ENTRIES)?,
