@@ -170,6 +170,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         logical_block_size: args.logical_block_size,
         serial: args.serial.clone(),
         poll_us: args.poll_us,
+        io_threads: if args.direct { 8 } else { 1 },
     };
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
