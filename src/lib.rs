@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod crypto;
 pub mod image;
+pub mod lock;
 pub mod qcow2;
 pub mod storage;
 pub mod vhost_user;

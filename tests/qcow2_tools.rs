@@ -839,3 +839,54 @@ fn rebase_matches_qemu_img() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("backing format must be specified"));
 }
+
+/// The tools lock as qemu-img does: while the daemon serves an image, `snapshot -c`, `rebase`
+/// and a locking `compare` are refused, and `snapshot -l -U` / `compare -U` still read it.
+#[test]
+fn tools_respect_the_serving_daemons_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    sh_in(
+        d,
+        "qemu-img create -q -f qcow2 s.qcow2 8M && qemu-img create -q -f qcow2 o.qcow2 8M",
+    );
+    let sock = d.join("s.sock");
+    let mut daemon = common::spawn_serve(&sock, &d.join("s.qcow2"), &[]);
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 20, "daemon did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let run = |args: &[&str]| {
+        Command::new(common::BIN)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("run")
+    };
+    for args in [
+        &["snapshot", "-c", "x", "s.qcow2"][..],
+        &["snapshot", "-l", "s.qcow2"],
+        &["rebase", "-u", "-b", "o.qcow2", "-F", "qcow2", "s.qcow2"],
+        &["compare", "s.qcow2", "o.qcow2"],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?} was not refused");
+        assert!(err.contains("lock"), "{args:?}: {err}");
+    }
+    assert_eq!(
+        run(&["snapshot", "-l", "-U", "s.qcow2"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        run(&["compare", "-U", "s.qcow2", "o.qcow2"]).status.code(),
+        Some(0)
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(
+        run(&["snapshot", "-c", "x", "s.qcow2"]).status.code(),
+        Some(0)
+    );
+}

@@ -36,6 +36,9 @@ pub struct ConvertArgs {
     /// Show progress on a terminal.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Share the source with writers (no lock), as qemu-img's -U.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Target format options, as `create -o`.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
@@ -54,7 +57,9 @@ const SPARSE: usize = 4096;
 /// Bytes read per step.
 const CHUNK: u64 = 2 << 20;
 
-fn open_source(args: &ConvertArgs) -> Result<Box<dyn BlockImage>, ToolError> {
+fn open_source(
+    args: &ConvertArgs,
+) -> Result<(Box<dyn BlockImage>, crate::lock::LockSet), ToolError> {
     let format = args
         .format
         .as_deref()
@@ -63,6 +68,7 @@ fn open_source(args: &ConvertArgs) -> Result<Box<dyn BlockImage>, ToolError> {
     let opts = OpenOptions {
         read_only: true,
         format,
+        locking: super::tools::read_locking(args.force_share),
         ..Default::default()
     };
     super::tools::open_image(&args.source, &opts, &args.key, &mut None)
@@ -141,7 +147,7 @@ impl Progress {
 
 /// Runs `convert`.
 pub fn run(args: &ConvertArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
-    let src = open_source(args)?;
+    let (src, _source_locks) = open_source(args)?;
     let size = src.capacity();
     let create = target_args(args, size)?;
     if args.compress {

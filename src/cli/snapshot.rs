@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use super::tools::ToolError;
 use crate::qcow2::snapshot_ops::{self as ops, Snapshot};
-use crate::storage::{FileStorage, OpenFlags};
 
 /// Arguments of `snapshot`.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,6 +26,9 @@ pub struct SnapshotArgs {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// With -l: share the image with writers (no lock), as qemu-img's -U.
+    #[arg(short = 'U', long = "force-share", requires = "list")]
+    pub force_share: bool,
     /// The qcow2 image.
     pub file: PathBuf,
 }
@@ -138,13 +140,13 @@ pub fn info_json(snaps: &[Snapshot]) -> serde_json::Value {
 /// Runs `snapshot`.
 pub fn run(args: &SnapshotArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let read_only = args.list;
-    let st = FileStorage::open(
-        &args.file,
-        OpenFlags {
-            read_only,
-            direct: false,
-        },
-    )?;
+    // QEMU's locks: a shared read lock to list (none with -U), the write lock to change.
+    let locking = if read_only {
+        super::tools::read_locking(args.force_share)
+    } else {
+        crate::image::Locking::On
+    };
+    let (st, _lock) = crate::image::open_file_locked(&args.file, read_only, locking)?;
     if !crate::qcow2::is_qcow2(&st)? {
         return Err(ToolError::BadArgument("snapshots need a qcow2 image"));
     }
