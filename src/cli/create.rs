@@ -77,6 +77,53 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
+/// Full preallocation: allocates every hole of the file (zeroes), 64 MiB at a time, with a
+/// progress line on a terminal. The metadata (already written) is never touched: only holes are
+/// filled, so an interrupted run leaves a valid, partly preallocated image.
+fn allocate_holes(
+    st: &crate::storage::FileStorage,
+    path: &std::path::Path,
+) -> Result<(), ToolError> {
+    use crate::storage::Storage;
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+    const CHUNK: u64 = 64 << 20;
+    let len = st.len()?;
+    // A second descriptor of the same file, only to find its holes.
+    let probe = std::fs::File::open(path)?;
+    let fd = probe.as_raw_fd();
+    let seek = |off: u64, whence: i32| -> Option<u64> {
+        let o = libc::off_t::try_from(off).ok()?;
+        // SAFETY: lseek on our open descriptor only moves its file position.
+        let r = unsafe { libc::lseek(fd, o, whence) };
+        u64::try_from(r).ok()
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut off = 0u64;
+    while off < len {
+        // The next hole at or after `off` (EOF counts as one), and the data after it.
+        let Some(hole) = seek(off, libc::SEEK_HOLE).filter(|&h| h < len) else {
+            break;
+        };
+        let data = seek(hole, libc::SEEK_DATA).unwrap_or(len).min(len);
+        let mut at = hole;
+        while at < data {
+            let n = CHUNK.min(data - at);
+            st.write_zeroes(at, n)?;
+            at += n;
+            if tty {
+                eprint!("\r    ({:.2}/100%)", at as f64 * 100.0 / len as f64);
+            }
+        }
+        off = data;
+    }
+    st.sync()?;
+    if tty {
+        eprintln!("\r    (100.00/100%)");
+    }
+    Ok(())
+}
+
 impl CreateArgs {
     /// The arguments `create FILE SIZE` would have, every option at its default (for commands
     /// that create an image on the way, such as convert and measure).
@@ -173,8 +220,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             f.set_len(size)?;
             if args.preallocation == PreallocArg::Full {
                 let st = crate::storage::FileStorage::from_file(f, args.file.display().to_string());
-                crate::storage::Storage::write_zeroes(&st, 0, size)?;
-                crate::storage::Storage::sync(&st)?;
+                allocate_holes(&st, &args.file)?;
             }
         }
         CreateFormat::Qcow2 => {
@@ -193,10 +239,10 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 compression_type: args.compression_type,
                 backing_file: args.backing.clone(),
                 backing_format: args.backing_format.clone(),
+                // Full = metadata, then every hole of the file allocated here (with progress).
                 preallocation: match args.preallocation {
                     PreallocArg::Off => Preallocation::Off,
-                    PreallocArg::Metadata => Preallocation::Metadata,
-                    PreallocArg::Full => Preallocation::Full,
+                    PreallocArg::Metadata | PreallocArg::Full => Preallocation::Metadata,
                 },
                 ..Default::default()
             };
@@ -207,6 +253,16 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 _ => {
                     create(&args.file, &opts)?;
                 }
+            }
+            if args.preallocation == PreallocArg::Full {
+                let st = crate::storage::FileStorage::open(
+                    &args.file,
+                    crate::storage::OpenFlags {
+                        read_only: false,
+                        direct: false,
+                    },
+                )?;
+                allocate_holes(&st, &args.file)?;
             }
         }
     }

@@ -15,8 +15,8 @@ use clap::Args;
 use thiserror::Error;
 
 use crate::image::{self, BlockImage, ImageError, OpenOptions};
-use crate::vhost_user::backend::{BackendError, BlkOptions};
 use crate::vhost_user::{self, DaemonError};
+use crate::virtio_blk::device::{BlkDevice, BlkOptions, DeviceError};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Print the backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Serve a control socket (mode 0600, JSON lines: `query`, `resize`) at PATH; see
+    /// `vhost-user-qcow2 control`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Passphrase of an encrypted image (LUKS raw or in qcow2, legacy qcow2 AES). Without
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
@@ -131,7 +135,7 @@ pub enum ServeError {
         source: io::Error,
     },
     #[error("invalid options")]
-    Options(#[source] BackendError),
+    Options(#[source] DeviceError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -174,9 +178,8 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         queue_size: args.queue_size,
         logical_block_size: args.logical_block_size,
         serial: args.serial.clone(),
-        poll_us: args.poll_us,
-        io_threads: if args.direct { 8 } else { 1 },
     };
+    crate::vhost_user::vring::set_tuning(args.poll_us, if args.direct { 8 } else { 1 });
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
     // the signal thread receives them.
@@ -216,9 +219,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     })?);
     drop(secret);
     // Validate the options against the image before creating the socket.
-    let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
-    crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
-        .map_err(ServeError::Options)?;
+    let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 
     let systemd_fd = super::systemd::listen_fd().map_err(ServeError::SocketActivation)?;
     let (listener, guard) = match (&args.socket_path, args.fd.or(systemd_fd)) {
@@ -233,20 +234,30 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
             ))
         }
     };
+    let socket_name = guard.0.as_ref().map_or_else(
+        || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
+        |p| p.display().to_string(),
+    );
+    // Every log line from here on names the image and the socket.
+    super::set_log_context(format!("{} on {socket_name}", image_path.display()));
     log::info!(
-        "serving {} ({} bytes{}) on {}",
-        image_path.display(),
+        "serving {} bytes{}",
         image.capacity(),
         if image.read_only() { ", read-only" } else { "" },
-        guard.0.as_ref().map_or_else(
-            || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
-            |p| p.display().to_string()
-        )
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
-    let r = vhost_user::serve(listener, image, &opts, args.once);
+    let export = Arc::new(vhost_user::Export::new(dev));
+    export.set_names(&image_path.display().to_string(), &socket_name);
+    if let Some(path) = &args.control_socket {
+        vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!("control socket on {}", path.display());
+    }
+    let r = vhost_user::serve(listener, export, args.once);
     drop(guard);
     Ok(r?)
 }

@@ -46,4 +46,7 @@ impl BlockImage for LockedImage {
     fn discard_granularity(&self) -> u32 {
         self.image.discard_granularity()
     }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.image.resize(new_size)
+    }
 }

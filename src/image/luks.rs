@@ -146,7 +146,8 @@ pub struct LuksImage {
     cipher: SectorCipher,
     header: LuksHeader,
     payload: u64,
-    capacity: u64,
+    /// Changes only on live resize.
+    capacity: std::sync::atomic::AtomicU64,
     read_only: bool,
 }
 
@@ -168,7 +169,7 @@ impl LuksImage {
             storage,
             header,
             payload,
-            capacity,
+            capacity: std::sync::atomic::AtomicU64::new(capacity),
             read_only,
         })
     }
@@ -292,7 +293,7 @@ impl Span {
 
 impl BlockImage for LuksImage {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -301,7 +302,7 @@ impl BlockImage for LuksImage {
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = iov_len(bufs);
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         if !Self::aligned(offset, len) {
             return self.read_unaligned(offset, bufs);
         }
@@ -314,7 +315,7 @@ impl BlockImage for LuksImage {
             return Err(ImageError::ReadOnly);
         }
         let len = iov_len(bufs);
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         if !Self::aligned(offset, len) {
             return self.write_unaligned(offset, bufs);
         }
@@ -347,7 +348,7 @@ impl BlockImage for LuksImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)
+        check_range(offset, len, self.capacity())
     }
 
     /// Writes encrypted zeroes (a hole would not read back as zeroes through the cipher).
@@ -355,7 +356,7 @@ impl BlockImage for LuksImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         let mut done = 0u64;
         while done < len {
             let chunk = (len - done).min(BOUNCE_MAX as u64);
@@ -374,6 +375,34 @@ impl BlockImage for LuksImage {
             }
             done += chunk;
         }
+        Ok(())
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        let old = self.capacity();
+        let file_len = self
+            .payload
+            .checked_add(new_size)
+            .filter(|_| new_size.is_multiple_of(SECTOR))
+            .ok_or(ImageError::OutOfRange {
+                offset: new_size,
+                len: 0,
+                capacity: old,
+            })?;
+        // As QEMU's luks driver: the payload grows or shrinks; new sectors read as whatever
+        // decrypting zeroes gives.
+        if new_size < old {
+            self.capacity.store(new_size, Ordering::Release);
+            self.storage.set_len(file_len)?;
+        } else {
+            self.storage.set_len(file_len)?;
+            self.capacity.store(new_size, Ordering::Release);
+        }
+        self.storage.sync()?;
         Ok(())
     }
 }

@@ -95,6 +95,12 @@ pub trait BlockImage: Send + Sync {
     fn discard_granularity(&self) -> u32 {
         512
     }
+    /// Changes the disk size to `new_size` bytes (a multiple of 512) while it is served (live
+    /// resize; the caller decides whether shrinking is allowed). Formats that cannot resize
+    /// keep the default.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(ImageError::Unsupported)
+    }
 }
 
 /// Checks that `offset..offset+len` lies within `capacity`.

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::vm::{
-    boot_guest, build_guest, file_tail, md5_file, md5_hex, run_checked, temp_dir, which, Reaped,
-    Serial, QUEUES,
+    boot_guest, boot_guest_with, build_guest, file_tail, md5_file, md5_hex, run_checked, temp_dir,
+    which, Reaped, Serial, QUEUES,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -1075,6 +1075,293 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
         report.irqs
     );
     Outcome::Passed
+}
+
+/// Lines of `log` that contain `needle`.
+fn count_in_log(log: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().filter(|l| l.contains(needle)).count())
+        .unwrap_or(0)
+}
+
+/// Waits until `log` has at least `n` lines containing `needle`; false on timeout.
+fn wait_for_log(log: &Path, needle: &str, n: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if count_in_log(log, needle) >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A guest runs fio randwrite with crc32c verification on both queues while our daemon is
+/// SIGKILLed and restarted `kills` times under it (QEMU reconnects with `reconnect-ms=500` and
+/// hands the in-flight region back): fio must finish with its verification passing, the guest's
+/// kernel must log no I/O error, and `qemu-img check` must be clean.
+pub fn run_guest_kill_restart(case: &ImageCase, kills: usize) {
+    if let Gate::Skip(why) = gate(Backend::Daemon) {
+        eprintln!("SKIPPED e2e kill-restart {}: {why}", case.name);
+        return;
+    }
+    let (kernel, initrd) = build_guest();
+    let dir = temp_dir();
+    let image = dir.path().join(format!("disk.{}", case.name));
+    let socket = dir.path().join("vhost.sock");
+    (case.create)(&image, DISK_SIZE)
+        .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
+    let log_of = |i: usize| dir.path().join(format!("daemon.{i}.log"));
+    // Long enough that the kills land while fio writes: ~8k random 4 KiB writes per job.
+    let script = "fio --name=kr --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs=4k --size=32M --numjobs=2 --offset_increment=128M --iodepth=16 \
+         --verify=crc32c --verify_fatal=1 --group_reporting --output-format=terse \
+         >/tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+         grep -c . /tmp/fio.out
+         if dmesg | grep -i 'I/O error'; then echo 'guest logged I/O errors'; exit 1; fi
+";
+    let mut killed = 0;
+    let (run, mut daemon) = std::thread::scope(|scope| {
+        let guest =
+            scope.spawn(|| boot_guest_with(&kernel, &initrd, &socket, script, ",reconnect-ms=500"));
+        let mut daemon = start_backend(
+            Backend::Daemon,
+            case,
+            None,
+            &image,
+            &socket,
+            &log_of(0),
+            false,
+        );
+        for i in 0..kills {
+            // Both queues running, and fio well under way (longer for the first boot).
+            if !wait_for_log(&log_of(i), "queue 1 started", 1, Duration::from_secs(120))
+                || guest.is_finished()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(if i == 0 { 4000 } else { 1500 }));
+            if guest.is_finished() {
+                break;
+            }
+            daemon.signal(libc::SIGKILL);
+            let _ = daemon.wait_timeout(Duration::from_secs(10));
+            killed += 1;
+            daemon = start_backend(
+                Backend::Daemon,
+                case,
+                None,
+                &image,
+                &socket,
+                &log_of(i + 1),
+                false,
+            );
+        }
+        (guest.join().expect("guest thread"), daemon)
+    });
+    let logs = || {
+        (0..=kills)
+            .map(|i| format!("--- daemon {i}:\n{}", file_tail(&log_of(i), 15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let run = run.unwrap_or_else(|e| panic!("guest: {e}\n{}", logs()));
+    let report = parse_report(&run.serial);
+    let kernel_errors: Vec<&String> = run
+        .serial
+        .iter()
+        .filter(|l| l.contains("I/O error") || l.contains("blk_update_request"))
+        .collect();
+    if !run.status.success() || !report.passed || !kernel_errors.is_empty() {
+        let start = run.serial.len().saturating_sub(60);
+        panic!(
+            "guest failed (QEMU {}); serial log tail:\n{}\n{}",
+            run.status,
+            run.serial[start..].join("\n"),
+            logs()
+        );
+    }
+    let n = killed;
+    assert_eq!(
+        n,
+        kills,
+        "fio finished before all kills happened:\n{}",
+        logs()
+    );
+    let resubmitted: usize = (1..=kills)
+        .map(|i| count_in_log(&log_of(i), "resubmitting"))
+        .sum();
+    eprintln!(
+        "kill-restart {}: {n} SIGKILLs under fio, {resubmitted} queue restarts resubmitted \
+         in-flight requests, guest done in {:.1} s",
+        case.name, run.secs
+    );
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_timeout(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon did not exit cleanly on SIGTERM:\n{}",
+        logs()
+    );
+    if case.qemu_img_check {
+        // SIGKILL may leak clusters (allocated, not yet referenced): qemu-img check exits 3 for
+        // leaks only, 2 for corruption. Corruption fails the test; leaks are counted, repaired
+        // with qemu-img's own `-r leaks`, and the image must then check clean.
+        let check = |repair: bool| {
+            let out = Command::new("qemu-img")
+                .arg("check")
+                .args(repair.then_some(["-r", "leaks"]).into_iter().flatten())
+                .args(case.object_args())
+                .arg("--image-opts")
+                .arg(case.image_opts(&image))
+                .output()
+                .expect("spawn qemu-img check");
+            (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        };
+        let (code, text) = check(false);
+        assert!(
+            matches!(code, Some(0 | 3)),
+            "qemu-img check after {kills} SIGKILLs: exit {code:?} (corruption):\n{text}"
+        );
+        if code == Some(3) {
+            let leaks = text
+                .lines()
+                .filter(|l| l.starts_with("Leaked cluster"))
+                .count();
+            eprintln!(
+                "kill-restart {}: {leaks} leaked cluster(s) after SIGKILL, repairing",
+                case.name
+            );
+            let (code, text) = check(true);
+            assert_eq!(
+                code,
+                Some(0),
+                "qemu-img check -r leaks did not leave it clean:\n{text}"
+            );
+        }
+    }
+}
+
+/// Live resize under guest I/O: the guest runs fio verify on the start of the disk while the
+/// host grows the image through the daemon's control socket; the guest must see the new size
+/// in /sys/block/vda/size, write and verify the new tail; `qemu-img info` must show the size.
+pub fn run_guest_live_resize(case: &ImageCase, new_size: u64) {
+    if let Gate::Skip(why) = gate(Backend::Daemon) {
+        eprintln!("SKIPPED e2e live resize {}: {why}", case.name);
+        return;
+    }
+    let (kernel, initrd) = build_guest();
+    let dir = temp_dir();
+    let image = dir.path().join(format!("disk.{}", case.name));
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let log = dir.path().join("daemon.log");
+    (case.create)(&image, DISK_SIZE)
+        .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
+    let mut with_control = case.daemon_args.clone();
+    with_control.extend(["--control-socket".to_owned(), control.display().to_string()]);
+    let case_c = ImageCase {
+        name: case.name,
+        format_opts: case.format_opts.clone(),
+        objects: case.objects.clone(),
+        daemon_args: with_control,
+        create: Box::new(|_, _| Ok(Vec::new())),
+        base: None,
+        qemu_img_check: case.qemu_img_check,
+        encrypted: case.encrypted,
+    };
+    let old_sectors = DISK_SIZE / 512;
+    let new_sectors = new_size / 512;
+    let tail = new_size - DISK_SIZE;
+    let script = format!(
+        "fio --name=bg --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \\
+           --size=32M --iodepth=8 --verify=crc32c --verify_fatal=1 --output-format=terse \\
+           >/tmp/bg.out 2>&1 &
+         bg=$!
+         i=0
+         while [ \"$(cat /sys/block/vda/size)\" = {old_sectors} ]; do
+           sleep 0.2; i=$((i+1)); [ $i -lt 600 ] || {{ echo 'size never changed'; exit 1; }}
+         done
+         echo E2E-SIZE $(cat /sys/block/vda/size)
+         [ \"$(cat /sys/block/vda/size)\" = {new_sectors} ] || {{ echo 'wrong new size'; exit 1; }}
+         fio --name=tail --filename=$DEV --direct=1 --ioengine=libaio --rw=write --bs=64k \\
+           --offset={DISK_SIZE} --size={tail} --verify=crc32c --verify_fatal=1 \\
+           --output-format=terse >/tmp/tail.out 2>&1 || {{ cat /tmp/tail.out; exit 1; }}
+         wait $bg || {{ cat /tmp/bg.out; exit 1; }}
+         if dmesg | grep -i 'I/O error'; then exit 1; fi
+"
+    );
+    let mut daemon = start_backend(Backend::Daemon, &case_c, None, &image, &socket, &log, false);
+    let answer = std::thread::scope(|scope| {
+        let guest = scope.spawn(|| boot_guest(&kernel, &initrd, &socket, &script));
+        let answer = if wait_for_log(&log, "queue 1 started", 1, Duration::from_secs(120)) {
+            std::thread::sleep(Duration::from_millis(3000));
+            let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
+                .arg("control")
+                .arg(&control)
+                .arg("resize")
+                .arg(new_size.to_string())
+                .output()
+                .expect("spawn control");
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        } else {
+            "the guest never started its queues".to_owned()
+        };
+        (guest.join().expect("guest thread"), answer)
+    });
+    let (run, answer) = answer;
+    let run = run.unwrap_or_else(|e| panic!("guest: {e}\n{}", file_tail(&log, 30)));
+    let report = parse_report(&run.serial);
+    if !run.status.success() || !report.passed {
+        let start = run.serial.len().saturating_sub(60);
+        panic!(
+            "guest failed (QEMU {}); control said: {answer}\nserial log tail:\n{}\n--- daemon:\n{}",
+            run.status,
+            run.serial[start..].join("\n"),
+            file_tail(&log, 30)
+        );
+    }
+    assert!(
+        answer.contains("\"guest-notified\": true"),
+        "control resize answer: {answer}"
+    );
+    daemon.signal(libc::SIGTERM);
+    let _ = daemon.wait_timeout(Duration::from_secs(10));
+    let mut info = Command::new("qemu-img");
+    info.arg("info")
+        .args(case.object_args())
+        .arg("--output=json")
+        .arg("--image-opts")
+        .arg(case.image_opts(&image));
+    let text = run_checked(&mut info);
+    assert!(
+        text.contains(&format!("\"virtual-size\": {new_size}")),
+        "qemu-img info does not show {new_size} bytes:\n{text}"
+    );
+    if case.qemu_img_check {
+        let mut check = Command::new("qemu-img");
+        check
+            .arg("check")
+            .args(case.object_args())
+            .arg("--image-opts")
+            .arg(case.image_opts(&image));
+        run_checked(&mut check);
+    }
+    eprintln!(
+        "live resize {}: guest saw {new_sectors} sectors, done in {:.1} s",
+        case.name, run.secs
+    );
 }
 
 #[cfg(test)]
