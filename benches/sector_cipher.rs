@@ -2,7 +2,8 @@
 //! with the `xts-mode` crate and OpenSSL driven per 512-byte sector (one EVP context, re-initialised
 //! with each sector's IV, as dm-crypt-style callers do).
 //!
-//! Run: `cargo bench --bench sector_cipher` (optionally `-- --reps N --ms M`).
+//! Run: `cargo bench --bench sector_cipher` (optionally `-- --reps N --ms M --only NAME`, where
+//! NAME filters the cipher rows by substring, e.g. `XTS`).
 //! Prints MB/s (10^6 bytes per second) per core: the median of N repetitions of at least M ms.
 
 #![allow(
@@ -185,12 +186,17 @@ impl XtsMode {
 fn main() {
     let mut reps = 7usize;
     let mut ms = 60u64;
+    let mut only: Option<String> = None;
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
             "--reps" => {
                 reps = args[i + 1].parse().unwrap();
+                i += 1;
+            }
+            "--only" => {
+                only = Some(args[i + 1].clone());
                 i += 1;
             }
             "--ms" => {
@@ -236,16 +242,21 @@ fn main() {
             },
         },
     ];
-    let paths: Vec<EnginePath> = [EnginePath::Vaes512, EnginePath::Portable, EnginePath::Soft]
-        .into_iter()
-        .filter(|p| {
-            let ok = p.is_available();
-            if !ok {
-                println!("note: path {p} not available on this CPU, skipped");
-            }
-            ok
-        })
-        .collect();
+    let paths: Vec<EnginePath> = [
+        EnginePath::Vaes512,
+        EnginePath::Aesni,
+        EnginePath::Portable,
+        EnginePath::Soft,
+    ]
+    .into_iter()
+    .filter(|p| {
+        let ok = p.is_available();
+        if !ok {
+            println!("note: path {p} not available on this CPU, skipped");
+        }
+        ok
+    })
+    .collect();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -275,7 +286,10 @@ fn main() {
     }
     header += &format!(" {:>9} {:>9} {:>9}", "xts-mode", "openssl", "best/ossl");
     println!("{header}");
-    for cfg in &configs {
+    for cfg in configs
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|o| c.name.contains(o)))
+    {
         let key: Vec<u8> = (0..cfg.spec.key_len()).map(|i| (i * 7 + 3) as u8).collect();
         for op in [Op::Enc, Op::Dec] {
             for req in [4096usize, 128 * 1024] {

@@ -168,34 +168,6 @@ fn inherited_listening_fd_is_served() {
 }
 
 #[test]
-fn direct_on_a_qcow2_image_is_refused_clearly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("s.sock");
-    let img = dir.path().join("d.qcow2");
-    let st = Command::new(BIN)
-        .args(["create", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .expect("create");
-    assert!(st.success());
-    let out = Command::new(BIN)
-        .arg("serve")
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--image")
-        .arg(&img)
-        .arg("--direct")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
-    assert!(err.contains("raw images only"), "{err}");
-    assert!(!sock.exists());
-}
-
-#[test]
 fn backend_program_conventions_work_without_a_subcommand() {
     let out = Command::new(BIN)
         .arg("--print-capabilities")

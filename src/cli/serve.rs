@@ -62,6 +62,15 @@ pub struct ServeArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     pub direct: bool,
+    /// I/O engine for the image file: `threads` (preadv/pwritev on the queue's worker thread)
+    /// or `io_uring` (as QEMU's aio=).
+    #[arg(long, value_name = "threads|io_uring", default_value = "threads",
+          value_parser = ["threads", "io_uring"])]
+    pub aio: String,
+    /// After serving a batch, poll the available ring up to N microseconds (kicks suppressed)
+    /// before sleeping on the kick eventfd; 0 disables polling.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub poll_us: u64,
     /// Exit after the first frontend disconnects instead of waiting for the next one.
     #[arg(long)]
     pub once: bool,
@@ -170,10 +179,14 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         logical_block_size: args.logical_block_size,
         serial: args.serial.clone(),
     };
+    crate::vhost_user::vring::set_tuning(args.poll_us, if args.direct { 8 } else { 1 });
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
     // the signal thread receives them.
     let sigset = block_signals().map_err(ServeError::Signals)?;
+
+    // --aio: the engine of every image file opened from here on (backing files too).
+    crate::storage::set_default_aio(crate::storage::Aio::from_name(&args.aio).unwrap_or_default());
 
     // Open the image first: a missing image must not leave a socket behind.
     let open_opts = OpenOptions {

@@ -339,43 +339,39 @@ fn open_chain(
         });
     }
     chain.push(canon);
-    // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
     // A file (locked as QEMU locks files), or an RBD image for an `rbd:` name (src/rbd: RBD's
-    // exclusive lock instead).
-    let storage: Box<dyn Storage> = match path.to_str() {
-        Some(s) if crate::rbd::is_rbd(s) => crate::rbd::open_storage(
-            path,
-            OpenFlags {
-                read_only: opts.read_only,
-                direct: false,
-            },
-        )?,
-        _ => Box::new(open_file(path, opts.read_only, opts.locking, ctx)?),
+    // exclusive lock instead; `--direct` there turns librbd's cache off, as QEMU's cache.direct).
+    // Files are probed through the page cache (small header reads), then switched to O_DIRECT:
+    // the storage layer bounces what is not aligned.
+    let (storage, format): (Box<dyn Storage>, Format) = match path.to_str() {
+        Some(s) if crate::rbd::is_rbd(s) => {
+            let st = crate::rbd::open_storage(
+                path,
+                OpenFlags {
+                    read_only: opts.read_only,
+                    direct: opts.direct,
+                },
+            )?;
+            let format = match opts.format {
+                Some(f) => f,
+                None => detect_format(&*st)?,
+            };
+            (st, format)
+        }
+        _ => {
+            let mut st = open_file(path, opts.read_only, opts.locking, ctx)?;
+            let format = match opts.format {
+                Some(f) => f,
+                None => detect_format(&st)?,
+            };
+            if opts.direct {
+                st.set_direct(true)?;
+            }
+            (Box::new(st), format)
+        }
     };
-    let format = match opts.format {
-        Some(f) => f,
-        None => detect_format(&*storage)?,
-    };
-    if opts.direct && format != Format::Raw {
-        // Metadata and crypto paths do small, unaligned I/O that O_DIRECT refuses.
-        return Err(ImageError::DirectUnsupported {
-            format: format.name(),
-        });
-    }
     match format {
         Format::Raw => {
-            let storage = if opts.direct {
-                drop(storage); // an RBD image's lock is held by one handle at a time
-                crate::rbd::open_storage(
-                    path,
-                    OpenFlags {
-                        read_only: opts.read_only,
-                        direct: true,
-                    },
-                )?
-            } else {
-                storage
-            };
             let raw = raw::RawImage::new(storage, opts.read_only)?;
             // As QEMU's raw driver with `bs->probed`: the guest may not make a probed raw image
             // probe as something else on the next open.
@@ -434,12 +430,13 @@ fn open_data_file(
             path: shown(),
             data_file: named,
         }),
-        (Some(given), true) => Ok(Some(Box::new(open_file(
-            given,
-            opts.read_only,
-            opts.locking,
-            ctx,
-        )?))),
+        (Some(given), true) => {
+            let mut data = open_file(given, opts.read_only, opts.locking, ctx)?;
+            if opts.direct {
+                data.set_direct(true)?;
+            }
+            Ok(Some(Box::new(data)))
+        }
     }
 }
 
