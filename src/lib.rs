@@ -7,6 +7,7 @@ pub mod crypto;
 pub mod image;
 pub mod lock;
 pub mod qcow2;
+pub mod rbd;
 pub mod storage;
 pub mod vhost_user;
 pub mod virtio_blk;

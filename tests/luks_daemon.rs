@@ -40,21 +40,19 @@ fn qemu_plain(f: &Path, pw: &str, driver: &str) -> Vec<u8> {
     std::fs::read(&out).expect("plain")
 }
 
-fn serve_and_write(image: &Path, key: &Path, dir: &Path, marker: &[u8]) -> Vec<u8> {
+fn serve_and_write(image: &Path, key: &Path, dir: &Path, marker: &[u8], extra: &[&str]) -> Vec<u8> {
     let sock = dir.join(format!(
         "{}.sock",
         image.file_name().and_then(|n| n.to_str()).expect("name")
     ));
-    let mut child = spawn_serve(
-        &sock,
-        image,
-        &[
-            "--key-secret-file",
-            key.to_str().expect("p"),
-            "--num-queues",
-            "1",
-        ],
-    );
+    let mut args = vec![
+        "--key-secret-file",
+        key.to_str().expect("p"),
+        "--num-queues",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn_serve(&sock, image, &args);
     let t = std::time::Instant::now();
     while !sock.exists() {
         assert!(
@@ -121,8 +119,14 @@ fn created_and_served_encrypted_images_match_qemu_and_leak_nothing() {
     let key = dir.path().join("key");
     std::fs::write(&key, "daemon-pass").expect("key");
     let marker = b"SERVED-PLAINTEXT";
-    for (fmt, driver) in [("qcow2", "qcow2"), ("raw", "luks")] {
-        let image = dir.path().join(format!("enc.{driver}"));
+    // --direct: O_DIRECT on the file (tempfile's /tmp is on disk; tmpfs refuses O_DIRECT).
+    for (fmt, driver, extra) in [
+        ("qcow2", "qcow2", &[][..]),
+        ("raw", "luks", &[]),
+        ("qcow2", "qcow2", &["--direct"]),
+        ("raw", "luks", &["--direct"]),
+    ] {
+        let image = dir.path().join(format!("enc{}.{driver}", extra.len()));
         let out = run(Command::new(BIN)
             .args([
                 "create",
@@ -139,13 +143,13 @@ fn created_and_served_encrypted_images_match_qemu_and_leak_nothing() {
             .arg("4M")
             .stdin(Stdio::null()));
         assert!(out.contains("Formatting"), "{out}");
-        let data = serve_and_write(&image, &key, dir.path(), marker);
+        let data = serve_and_write(&image, &key, dir.path(), marker, extra);
         let plain = qemu_plain(&image, "daemon-pass", driver);
         assert_eq!(plain.len(), 4 << 20);
         assert_eq!(
             &plain[64 * 1024..64 * 1024 + data.len()],
             &data[..],
-            "{fmt}"
+            "{fmt} {extra:?}"
         );
         let raw = std::fs::read(&image).expect("read");
         assert!(

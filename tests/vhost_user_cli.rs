@@ -168,34 +168,6 @@ fn inherited_listening_fd_is_served() {
 }
 
 #[test]
-fn direct_on_a_qcow2_image_is_refused_clearly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("s.sock");
-    let img = dir.path().join("d.qcow2");
-    let st = Command::new(BIN)
-        .args(["create", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M")
-        .status()
-        .expect("create");
-    assert!(st.success());
-    let out = Command::new(BIN)
-        .arg("serve")
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--image")
-        .arg(&img)
-        .arg("--direct")
-        .output()
-        .expect("run");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
-    assert!(err.contains("raw images only"), "{err}");
-    assert!(!sock.exists());
-}
-
-#[test]
 fn backend_program_conventions_work_without_a_subcommand() {
     let out = Command::new(BIN)
         .arg("--print-capabilities")
@@ -461,4 +433,40 @@ fn control_socket_resizes_a_raw_luks_export_as_qemu_sees_it() {
     io("read -P 0x5e 3M 1M");
     io("write -P 0x6f 7M 1M");
     io("read -P 0x6f 7M 1M");
+}
+
+/// Log lines name the image and the socket; `--log-level` sets the level (RUST_LOG unset).
+#[test]
+fn log_lines_name_image_and_socket_and_follow_log_level() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = common::make_image(dir.path(), 1 << 20);
+    let run = |level: &str| {
+        let sock = dir.path().join(format!("{level}.sock"));
+        let child = Command::new(BIN)
+            .args(["--log-level", level, "serve", "--socket-path"])
+            .arg(&sock)
+            .arg("--image")
+            .arg(&image)
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let t = std::time::Instant::now();
+        while !sock.exists() {
+            assert!(t.elapsed().as_secs() < 20, "no socket");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: kill() with our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success());
+        (sock, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (sock, info) = run("info");
+    let want = format!("{} on {}: serving", image.display(), sock.display());
+    assert!(info.contains(&want), "{want:?} not in {info}");
+    let (_, quiet) = run("error");
+    assert!(!quiet.contains("serving"), "{quiet}");
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::tools::{parse_size, ToolError};
 use crate::image::{self, Format, OpenOptions};
-use crate::qcow2::create::{create, CreateOptions, Preallocation};
+use crate::qcow2::create::{create_on, CreateOptions, Preallocation};
 
 /// Image format to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -189,6 +189,9 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let size = size
         .checked_next_multiple_of(512)
         .ok_or(ToolError::BadArgument("the size is too large"))?;
+    if let Some(params) = args.encrypt.luks2_params()? {
+        return create_luks2(args, size, &params, out);
+    }
     let luks = args.encrypt.luks_params()?;
     if luks.is_some() && args.preallocation != PreallocArg::Off {
         // Preallocated clusters hold plaintext zeroes, which would read back as garbage.
@@ -213,14 +216,24 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&args.file)?;
-            f.set_len(size)?;
+            // A new file, or an rbd: image.
+            let st = crate::rbd::create_new(&args.file)?;
+            st.set_len(size)?;
             if args.preallocation == PreallocArg::Full {
-                let st = crate::storage::FileStorage::from_file(f, args.file.display().to_string());
-                allocate_holes(&st, &args.file)?;
+                if crate::rbd::is_rbd(&args.file.to_string_lossy()) {
+                    st.write_zeroes(0, size)?;
+                    st.sync()?;
+                } else {
+                    drop(st);
+                    let st = crate::storage::FileStorage::open(
+                        &args.file,
+                        crate::storage::OpenFlags {
+                            read_only: false,
+                            direct: false,
+                        },
+                    )?;
+                    allocate_holes(&st, &args.file)?;
+                }
             }
         }
         CreateFormat::Qcow2 => {
@@ -251,10 +264,13 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                     crate::image::crypt::create_qcow2_luks(&args.file, &opts, params, pass)?
                 }
                 _ => {
-                    create(&args.file, &opts)?;
+                    create_on(crate::rbd::create_new(&args.file)?, &opts)?;
                 }
             }
-            if args.preallocation == PreallocArg::Full {
+            // (RBD images are thin whatever is written: nothing to fill there.)
+            if args.preallocation == PreallocArg::Full
+                && !crate::rbd::is_rbd(&args.file.to_string_lossy())
+            {
                 let st = crate::storage::FileStorage::open(
                     &args.file,
                     crate::storage::OpenFlags {
@@ -280,6 +296,39 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             _ => "",
         },
         size
+    )?;
+    Ok(0)
+}
+
+/// `create -f raw --encrypt luks2`: a raw LUKS2 file as cryptsetup lays it out.
+fn create_luks2(
+    args: &CreateArgs,
+    size: u64,
+    params: &crate::crypto::luks::luks2::Luks2CreateParams,
+    out: &mut dyn Write,
+) -> Result<i32, ToolError> {
+    if args.format != CreateFormat::Raw {
+        return Err(ToolError::BadArgument(
+            "LUKS2 is for raw images (-f raw); qcow2 encryption is LUKS1, as QEMU's",
+        ));
+    }
+    if args.backing.is_some() || args.preallocation != PreallocArg::Off {
+        return Err(ToolError::BadArgument(
+            "LUKS2 images have no backing file or preallocation",
+        ));
+    }
+    if !size.is_multiple_of(u64::from(params.sector_size)) {
+        return Err(ToolError::BadArgument(
+            "the size must be a multiple of the sector size",
+        ));
+    }
+    let pass = args.encrypt.new_passphrase()?;
+    crate::image::luks::LuksImage::create_luks2(&args.file, size, params, &pass)?;
+    writeln!(
+        out,
+        "Formatting '{}', fmt=luks2 size={size} sector-size={}",
+        args.file.display(),
+        params.sector_size
     )?;
     Ok(0)
 }

@@ -62,6 +62,15 @@ pub struct ServeArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     pub direct: bool,
+    /// I/O engine for the image file: `threads` (preadv/pwritev on the queue's worker thread)
+    /// or `io_uring` (as QEMU's aio=).
+    #[arg(long, value_name = "threads|io_uring", default_value = "threads",
+          value_parser = ["threads", "io_uring"])]
+    pub aio: String,
+    /// After serving a batch, poll the available ring up to N microseconds (kicks suppressed)
+    /// before sleeping on the kick eventfd; 0 disables polling.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub poll_us: u64,
     /// Exit after the first frontend disconnects instead of waiting for the next one.
     #[arg(long)]
     pub once: bool,
@@ -170,10 +179,14 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         logical_block_size: args.logical_block_size,
         serial: args.serial.clone(),
     };
+    crate::vhost_user::vring::set_tuning(args.poll_us, if args.direct { 8 } else { 1 });
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
     // the signal thread receives them.
     let sigset = block_signals().map_err(ServeError::Signals)?;
+
+    // --aio: the engine of every image file opened from here on (backing files too).
+    crate::storage::set_default_aio(crate::storage::Aio::from_name(&args.aio).unwrap_or_default());
 
     // Open the image first: a missing image must not leave a socket behind.
     let open_opts = OpenOptions {
@@ -184,6 +197,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         data_file: args.access.data_file.clone(),
         locking: args.access.share.locking(),
     };
+    args.key.apply_kdf_limits();
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
         forbid_core_dumps();
@@ -205,6 +219,11 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         source,
     })?);
     drop(secret);
+    // LUKS2 with 4096-byte encryption sectors needs 4096-byte logical blocks.
+    let opts = BlkOptions {
+        logical_block_size: opts.logical_block_size.max(image.min_block_size()),
+        ..opts
+    };
     // Validate the options against the image before creating the socket.
     let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 
@@ -221,20 +240,22 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
             ))
         }
     };
+    let socket_name = guard.0.as_ref().map_or_else(
+        || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
+        |p| p.display().to_string(),
+    );
+    // Every log line from here on names the image and the socket.
+    super::set_log_context(format!("{} on {socket_name}", image_path.display()));
     log::info!(
-        "serving {} ({} bytes{}) on {}",
-        image_path.display(),
+        "serving {} bytes{}",
         image.capacity(),
         if image.read_only() { ", read-only" } else { "" },
-        guard.0.as_ref().map_or_else(
-            || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
-            |p| p.display().to_string()
-        )
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
     let export = Arc::new(vhost_user::Export::new(dev));
+    export.set_names(&image_path.display().to_string(), &socket_name);
     if let Some(path) = &args.control_socket {
         vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
             path: path.clone(),

@@ -49,4 +49,7 @@ impl BlockImage for LockedImage {
     fn resize(&self, new_size: u64) -> Result<()> {
         self.image.resize(new_size)
     }
+    fn min_block_size(&self) -> u32 {
+        self.image.min_block_size()
+    }
 }

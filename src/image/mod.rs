@@ -101,6 +101,11 @@ pub trait BlockImage: Send + Sync {
     fn resize(&self, _new_size: u64) -> Result<()> {
         Err(ImageError::Unsupported)
     }
+    /// Smallest logical block size the image can serve (LUKS2 with 4096-byte encryption
+    /// sectors: 4096); the daemon advertises at least this.
+    fn min_block_size(&self) -> u32 {
+        512
+    }
 }
 
 /// Checks that `offset..offset+len` lies within `capacity`.
@@ -305,7 +310,7 @@ fn open_file(
 /// Resolves a backing file name as QEMU does: absolute, or relative to the overlay's directory.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
-    if p.is_absolute() {
+    if p.is_absolute() || crate::rbd::is_rbd(name) {
         p.to_path_buf()
     } else {
         overlay.parent().unwrap_or(Path::new("")).join(p)
@@ -334,32 +339,40 @@ fn open_chain(
         });
     }
     chain.push(canon);
-    // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
-    let storage = open_file(path, opts.read_only, opts.locking, ctx)?;
-    let format = match opts.format {
-        Some(f) => f,
-        None => detect_format(&storage)?,
+    // A file (locked as QEMU locks files), or an RBD image for an `rbd:` name (src/rbd: RBD's
+    // exclusive lock instead; `--direct` there turns librbd's cache off, as QEMU's cache.direct).
+    // Files are probed through the page cache (small header reads), then switched to O_DIRECT:
+    // the storage layer bounces what is not aligned.
+    let (storage, format): (Box<dyn Storage>, Format) = match path.to_str() {
+        Some(s) if crate::rbd::is_rbd(s) => {
+            let st = crate::rbd::open_storage(
+                path,
+                OpenFlags {
+                    read_only: opts.read_only,
+                    direct: opts.direct,
+                },
+            )?;
+            let format = match opts.format {
+                Some(f) => f,
+                None => detect_format(&*st)?,
+            };
+            (st, format)
+        }
+        _ => {
+            let mut st = open_file(path, opts.read_only, opts.locking, ctx)?;
+            let format = match opts.format {
+                Some(f) => f,
+                None => detect_format(&st)?,
+            };
+            if opts.direct {
+                st.set_direct(true)?;
+            }
+            (Box::new(st), format)
+        }
     };
-    if opts.direct && format != Format::Raw {
-        // Metadata and crypto paths do small, unaligned I/O that O_DIRECT refuses.
-        return Err(ImageError::DirectUnsupported {
-            format: format.name(),
-        });
-    }
     match format {
         Format::Raw => {
-            let storage = if opts.direct {
-                FileStorage::open(
-                    path,
-                    OpenFlags {
-                        read_only: opts.read_only,
-                        direct: true,
-                    },
-                )?
-            } else {
-                storage
-            };
-            let raw = raw::RawImage::new(Box::new(storage) as Box<dyn Storage>, opts.read_only)?;
+            let raw = raw::RawImage::new(storage, opts.read_only)?;
             // As QEMU's raw driver with `bs->probed`: the guest may not make a probed raw image
             // probe as something else on the next open.
             Ok(Box::new(if opts.format.is_none() {
@@ -369,17 +382,17 @@ fn open_chain(
             }))
         }
         Format::Luks => Ok(Box::new(crypt::open_raw_luks(
-            Box::new(storage),
+            storage,
             opts.read_only,
             secret,
         )?)),
         Format::Qcow2 => {
-            let probe = crate::qcow2::probe(&storage)?;
-            let crypt = crypt::qcow2_crypt(&storage, &probe, secret)?;
+            let probe = crate::qcow2::probe(&*storage)?;
+            let crypt = crypt::qcow2_crypt(&*storage, &probe, secret)?;
             let backing = open_backing(path, &probe.header, opts, secret, ctx)?;
             let data = open_data_file(path, &probe.header, opts, ctx)?;
             let q = crate::qcow2::Qcow2::open_with_data_file(
-                Box::new(storage),
+                storage,
                 data,
                 &crate::qcow2::Qcow2Options {
                     read_only: opts.read_only,
@@ -417,12 +430,13 @@ fn open_data_file(
             path: shown(),
             data_file: named,
         }),
-        (Some(given), true) => Ok(Some(Box::new(open_file(
-            given,
-            opts.read_only,
-            opts.locking,
-            ctx,
-        )?))),
+        (Some(given), true) => {
+            let mut data = open_file(given, opts.read_only, opts.locking, ctx)?;
+            if opts.direct {
+                data.set_direct(true)?;
+            }
+            Ok(Some(Box::new(data)))
+        }
     }
 }
 

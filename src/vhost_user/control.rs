@@ -138,7 +138,10 @@ fn query(export: &Export) -> Value {
             v
         })
         .collect();
+    let (image, socket) = export.names();
     json!({
+        "image": image,
+        "socket": socket,
         "capacity": dev.capacity(),
         "logical-block-size": dev.limits().block_size,
         "read-only": dev.image().read_only(),

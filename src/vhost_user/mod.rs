@@ -53,6 +53,8 @@ fn ends_connection(e: &VuError) -> bool {
 pub struct Export {
     dev: Arc<BlkDevice>,
     current: Mutex<Option<Arc<Connection>>>,
+    /// The image and socket names, for `query` and the statistics.
+    names: std::sync::OnceLock<(String, String)>,
 }
 
 impl Export {
@@ -61,7 +63,20 @@ impl Export {
         Self {
             dev,
             current: Mutex::new(None),
+            names: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Names the image and the socket (once) for `query`.
+    pub fn set_names(&self, image: &str, socket: &str) {
+        let _ = self.names.set((image.to_owned(), socket.to_owned()));
+    }
+
+    /// The image and socket names given to [`Export::set_names`] (empty if none).
+    pub fn names(&self) -> (&str, &str) {
+        self.names
+            .get()
+            .map_or(("", ""), |(i, s)| (i.as_str(), s.as_str()))
     }
 
     /// The device.

@@ -242,9 +242,10 @@ pub fn handle_chain_counted<M: GuestMemoryBackend>(
     queue: usize,
     stats: Option<&QueueStats>,
 ) -> u32 {
-    if let Some(s) = stats {
+    let started = stats.map(|s| {
         s.started();
-    }
+        std::time::Instant::now()
+    });
     let (kind, bytes, status, used) = match request::parse(mem, descs, dev.limits, scratch) {
         Parsed::Ok(mut req) => {
             let kind = Kind::from(req.kind);
@@ -273,8 +274,8 @@ pub fn handle_chain_counted<M: GuestMemoryBackend>(
             (Kind::Invalid, 0, None, 0)
         }
     };
-    if let Some(s) = stats {
-        s.finished(kind, bytes, status);
+    if let (Some(s), Some(t)) = (stats, started) {
+        s.finished(kind, bytes, status, t.elapsed());
     }
     used
 }

@@ -1,9 +1,15 @@
-//! Per-queue request counters, read by the control socket's `query`.
+//! Per-queue request counters and latency histograms, read by the control socket's `query`
+//! (and printed by `vhost-user-qcow2 stats`, also in Prometheus' text format).
 //!
 //! Relaxed atomics: each counter is written by one queue's worker and read as a snapshot that
 //! need not be consistent across counters.
+//!
+//! Latency is the time from taking a request off the ring to writing its status, in
+//! power-of-two microsecond buckets (≤1 µs, ≤2 µs, … ≤2^25 µs ≈ 34 s, then +Inf), kept apart for
+//! reads, writes and everything else.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -42,9 +48,70 @@ impl From<RequestKind> for Kind {
     }
 }
 
+/// Number of finite histogram buckets: upper bounds 2^0 .. 2^25 µs.
+pub const BUCKETS: usize = 26;
+
+/// A latency histogram: counts per power-of-two microsecond bucket, +Inf last.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS + 1],
+    sum_us: AtomicU64,
+}
+
+/// A snapshot of a [`Histogram`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Upper bound of each finite bucket, in microseconds.
+    pub le_us: Vec<u64>,
+    /// Requests per bucket (not cumulative); one more entry than `le_us`: the +Inf bucket.
+    pub counts: Vec<u64>,
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl Histogram {
+    fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // Bucket i holds (2^(i-1), 2^i] µs; 0 and 1 µs land in bucket 0.
+        let i = if us <= 1 {
+            0
+        } else {
+            usize::try_from(64 - (us - 1).leading_zeros()).unwrap_or(BUCKETS)
+        };
+        self.counts[i.min(BUCKETS)].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        HistogramSnapshot {
+            le_us: (0..BUCKETS).map(|i| 1u64 << i).collect(),
+            count: counts.iter().sum(),
+            counts,
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Latency histograms by operation.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    pub read: HistogramSnapshot,
+    pub write: HistogramSnapshot,
+    /// Flush, discard, write-zeroes, get-id and invalid requests.
+    pub other: HistogramSnapshot,
+}
+
 /// Counters of one queue.
 #[derive(Debug, Default)]
 pub struct QueueStats {
+    latency_read: Histogram,
+    latency_write: Histogram,
+    latency_other: Histogram,
     read: AtomicU64,
     write: AtomicU64,
     flush: AtomicU64,
@@ -61,7 +128,7 @@ pub struct QueueStats {
 }
 
 /// A snapshot of [`QueueStats`], as `query` prints it.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct QueueStatsSnapshot {
     pub read: u64,
     pub write: u64,
@@ -76,6 +143,8 @@ pub struct QueueStatsSnapshot {
     pub errors_unsupp: u64,
     pub dropped: u64,
     pub in_flight: u64,
+    /// Microseconds from fetch to completion.
+    pub latency_us: LatencySnapshot,
 }
 
 impl QueueStats {
@@ -84,9 +153,15 @@ impl QueueStats {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A request finished with `status` (`None`: dropped without a status); `bytes` of data
-    /// moved.
-    pub fn finished(&self, kind: Kind, bytes: u64, status: Option<u8>) {
+    /// A request finished with `status` (`None`: dropped without a status) after `took`;
+    /// `bytes` of data moved.
+    pub fn finished(&self, kind: Kind, bytes: u64, status: Option<u8>, took: Duration) {
+        match kind {
+            Kind::Read => &self.latency_read,
+            Kind::Write => &self.latency_write,
+            _ => &self.latency_other,
+        }
+        .record(took);
         let counter = match kind {
             Kind::Read => &self.read,
             Kind::Write => &self.write,
@@ -139,6 +214,11 @@ impl QueueStats {
             errors_unsupp: l(&self.status_unsupp),
             dropped: l(&self.dropped),
             in_flight: l(&self.in_flight),
+            latency_us: LatencySnapshot {
+                read: self.latency_read.snapshot(),
+                write: self.latency_write.snapshot(),
+                other: self.latency_other.snapshot(),
+            },
         }
     }
 }
@@ -153,11 +233,35 @@ mod tests {
         s.started();
         s.started();
         s.started();
-        s.finished(Kind::Read, 4096, Some(STATUS_OK));
-        s.finished(Kind::Write, 512, Some(STATUS_IOERR));
+        s.finished(Kind::Read, 4096, Some(STATUS_OK), Duration::from_micros(3));
+        s.finished(
+            Kind::Write,
+            512,
+            Some(STATUS_IOERR),
+            Duration::from_micros(1),
+        );
         let snap = s.snapshot();
         assert_eq!((snap.read, snap.write, snap.read_bytes), (1, 1, 4096));
         assert_eq!((snap.write_bytes, snap.errors_ioerr), (0, 1));
         assert_eq!(snap.in_flight, 1);
+        // 3 µs lands in (2, 4]: bucket 2; 1 µs in bucket 0.
+        assert_eq!(snap.latency_us.read.counts[2], 1);
+        assert_eq!(snap.latency_us.read.sum_us, 3);
+        assert_eq!(snap.latency_us.write.counts[0], 1);
+        assert_eq!(snap.latency_us.other.count, 0);
+    }
+
+    #[test]
+    fn histogram_buckets_are_powers_of_two() {
+        let h = Histogram::default();
+        for us in [0, 1, 2, 3, 4, 5, 1 << 25, (1 << 25) + 1, u64::MAX / 2] {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.counts.len(), BUCKETS + 1);
+        assert_eq!(&s.counts[..4], &[2, 1, 2, 1]);
+        assert_eq!(s.counts[25], 1);
+        assert_eq!(s.counts[BUCKETS], 2, "past 2^25 µs: +Inf");
+        assert_eq!(s.count, 9);
     }
 }

@@ -111,3 +111,32 @@ pub fn wait_timeout(child: &mut Child, secs: u64) -> Option<ExitStatus> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether process `pid` has `path` open with O_DIRECT (from /proc/PID/fdinfo's octal flags).
+pub fn has_open_with_o_direct(pid: u32, path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).expect("canonical path");
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).ok().as_deref() == Some(want.as_path()) && {
+            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            std::fs::read_to_string(info)
+                .ok()
+                .and_then(|s| {
+                    let f = s.lines().find_map(|l| l.strip_prefix("flags:"))?;
+                    u32::from_str_radix(f.trim(), 8).ok()
+                })
+                .is_some_and(|flags| flags & 0o40000 != 0)
+        }
+    })
+}
+
+/// Whether process `pid` holds an io_uring instance (an `anon_inode:[io_uring]` fd).
+pub fn has_io_uring(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("[io_uring]"))
+        })
+    })
+}

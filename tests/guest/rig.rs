@@ -38,6 +38,15 @@ const POKES: [Fill; 2] = [
     Fill::new(PATTERN_OFFSET + PATTERN_LEN + 20 * KIB, 4 * KIB, 0xc3),
     Fill::new(150 * MIB + 3 * KIB, KIB, 0xe7),
 ];
+/// [`POKES`] widened to whole blocks of `bs` bytes (unchanged for 512).
+fn pokes(bs: u64) -> [Fill; 2] {
+    POKES.map(|p| {
+        let start = p.offset / bs * bs;
+        let end = (p.offset + p.len).div_ceil(bs) * bs;
+        Fill::new(start, end - start, p.byte)
+    })
+}
+
 /// Regions the guest hashes after its writes (O_DIRECT, whole MiB), compared with what the host
 /// expects there: host-written data, the guest's own pattern and pokes, and the base image's
 /// content seen through an overlay.
@@ -201,6 +210,26 @@ pub struct ImageCase {
     /// The image is encrypted: the plaintext patterns the guest and the host wrote must not
     /// appear anywhere in the file.
     pub encrypted: bool,
+    /// Logical block size the guest sees (4096 for LUKS2 with 4 KiB encryption sectors): the
+    /// guest's small writes are widened to it.
+    pub block_size: u64,
+    /// For formats QEMU cannot open (LUKS2): how the host writes and reads plaintext instead of
+    /// qemu-io / qemu-img on the image (then qemu-io checks a plaintext raw export).
+    pub plain: Option<PlainAccess>,
+    /// Where the image lives when not in the test's temp dir: an `rbd:POOL/IMAGE:conf=…` name
+    /// (QEMU's tools reach it with `file.driver=rbd`).
+    pub location: Option<PathBuf>,
+}
+
+/// Writes `len` bytes of `byte` at `offset` of the guest disk of an image.
+pub type PlainFill = Box<dyn Fn(&Path, u64, u64, u8) -> Result<(), String>>;
+/// Writes the whole guest disk's plaintext of an image (first path) to a raw file.
+pub type PlainExport = Box<dyn Fn(&Path, &Path) -> Result<(), String>>;
+
+/// Host-side plaintext access for formats QEMU's tools cannot open.
+pub struct PlainAccess {
+    pub fill: PlainFill,
+    pub export: PlainExport,
 }
 
 impl ImageCase {
@@ -220,6 +249,9 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: false,
             encrypted: false,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -236,6 +268,9 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: true,
             encrypted: false,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -271,6 +306,9 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: true,
             encrypted: true,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -302,6 +340,9 @@ impl ImageCase {
             base: None,
             qemu_img_check: false,
             encrypted: true,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -349,13 +390,17 @@ impl ImageCase {
             base: Some(BASE_FILLS.to_vec()),
             qemu_img_check: true,
             encrypted: false,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
     fn image_opts(&self, image: &Path) -> String {
         format!(
-            "{},file.driver=file,file.filename={}",
+            "{},file.driver={},file.filename={}",
             self.format_opts,
+            file_driver(image),
             image.display()
         )
     }
@@ -476,7 +521,7 @@ fn qemu_img_create(args: &[&str], path: &Path, size: u64) -> Result<(), String> 
 }
 
 /// The shell script the guest runs (see tests/guest/init for what it provides).
-fn guest_script() -> String {
+fn guest_script(bs: u64) -> String {
     let mut script = format!(
         "\
 t() {{ echo \"E2E-TIME $1 $(cut -d' ' -f1 /proc/uptime)\"; }}
@@ -498,7 +543,7 @@ t pattern-done
         plen = PATTERN_LEN,
         pbyte = PATTERN_BYTE,
     );
-    for p in POKES {
+    for p in pokes(bs) {
         let _ = writeln!(script, "w {} {} {} {:#04x}", p.offset, p.len, p.len, p.byte);
     }
     let _ = writeln!(script, "e2e_md5 fio 0 {FIO_REGION}");
@@ -515,20 +560,33 @@ print \"E2E-IRQ\", $NF, s }' /proc/interrupts
 }
 
 /// What the disk must hold after [`guest_script`] ran on an image that read as `base`.
-fn expected_layout(base: Option<&[Fill]>) -> Vec<Region> {
+fn expected_layout(base: Option<&[Fill]>, bs: u64) -> Vec<Region> {
     let mut writes = vec![
         (PREFILL_OFFSET, PREFILL_LEN, Some(PREFILL_BYTE)),
         (0, FIO_REGION, None),
         (PATTERN_OFFSET, PATTERN_LEN, Some(PATTERN_BYTE)),
     ];
-    writes.extend(POKES.iter().map(|p| (p.offset, p.len, Some(p.byte))));
+    writes.extend(pokes(bs).iter().map(|p| (p.offset, p.len, Some(p.byte))));
     layout(base, &writes)
 }
 
 /// The default [`QsdView`]: the image file under the case's format options.
+/// QEMU's protocol driver for an image location: `rbd` for an `rbd:` name, else `file`.
+fn file_driver(image: &Path) -> &'static str {
+    if image.to_str().is_some_and(|s| s.starts_with("rbd:")) {
+        "rbd"
+    } else {
+        "file"
+    }
+}
+
 fn qsd_blockdevs(format_opts: &str, file: &Path) -> Vec<String> {
     vec![
-        format!("driver=file,filename={},node-name=f", file.display()),
+        format!(
+            "driver={},filename={},node-name=f",
+            file_driver(file),
+            file.display()
+        ),
         format!("{format_opts},file=f,node-name=d"),
     ]
 }
@@ -611,6 +669,8 @@ struct GuestReport {
     md5: Vec<(String, String)>,
     irqs: Vec<(String, u64)>,
     queues: Option<u32>,
+    /// The guest's logical block size of the disk.
+    lbs: Option<u64>,
     init_uptime: Option<f64>,
     done_uptime: Option<f64>,
     /// `E2E-TIME <step> <uptime>` markers.
@@ -640,6 +700,10 @@ fn parse_report(lines: &[String]) -> GuestReport {
                 }
             }
             Some("E2E-DISK:") => {
+                r.lbs = line[pos..]
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("lbs="))
+                    .and_then(|q| q.parse().ok());
                 r.queues = words
                     .find_map(|w| w.strip_prefix("queues="))
                     .and_then(|q| q.parse().ok());
@@ -884,28 +948,43 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
     let t_built = Instant::now();
 
     let dir = temp_dir();
-    let image = dir.path().join(format!("disk.{}", case.name));
+    let image = case
+        .location
+        .clone()
+        .unwrap_or_else(|| dir.path().join(format!("disk.{}", case.name)));
     let socket = dir.path().join("vhost.sock");
     let backend_log = dir.path().join("backend.log");
     let backing_files = (case.create)(&image, DISK_SIZE)
         .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
 
-    let qemu_io = |cmds: &[String]| case.qemu_io(&image, cmds);
-    let (ok, text) = qemu_io(&[format!(
-        "write -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"
-    )]);
-    assert!(ok, "qemu-io prefill failed:\n{text}");
+    let raw = dir.path().join("export.raw");
+    // Formats QEMU cannot open are checked through a plaintext raw export.
+    let qemu_io = |cmds: &[String]| match &case.plain {
+        None => case.qemu_io(&image, cmds),
+        Some(_) => ImageCase::raw().qemu_io(&raw, cmds),
+    };
+    match &case.plain {
+        None => {
+            let (ok, text) = qemu_io(&[format!(
+                "write -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"
+            )]);
+            assert!(ok, "qemu-io prefill failed:\n{text}");
+        }
+        Some(p) => (p.fill)(&image, PREFILL_OFFSET, PREFILL_LEN, PREFILL_BYTE)
+            .unwrap_or_else(|e| panic!("prefill: {e}")),
+    }
     let backing_md5: Vec<String> = backing_files.iter().map(|f| md5_file(f)).collect();
 
     let mut daemon = start_backend(backend, case, qsd_view, &image, &socket, &backend_log, true);
 
-    let guest = boot_guest(&kernel, &initrd, &socket, &guest_script()).unwrap_or_else(|e| {
-        panic!(
-            "{e}\n--- {} log tail:\n{}",
-            backend.name(),
-            file_tail(&backend_log, 30)
-        )
-    });
+    let guest = boot_guest(&kernel, &initrd, &socket, &guest_script(case.block_size))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n--- {} log tail:\n{}",
+                backend.name(),
+                file_tail(&backend_log, 30)
+            )
+        });
     let qemu_status = guest.status;
     let guest_secs = guest.secs;
     let serial = Serial(Arc::new(Mutex::new(guest.serial)));
@@ -942,6 +1021,12 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
         fail(&format!(
             "the guest saw {:?} queues, expected {QUEUES}",
             report.queues
+        ));
+    }
+    if report.lbs != Some(case.block_size) {
+        fail(&format!(
+            "the guest saw a {:?}-byte logical block size, expected {}",
+            report.lbs, case.block_size
         ));
     }
     let used: Vec<_> = report.irqs.iter().filter(|(_, n)| *n > 0).collect();
@@ -990,20 +1075,23 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
 
     // The bytes must be in the image: fixed patterns with qemu-io (the guest's where it wrote,
     // the image's earlier content everywhere else), the fio region by hash.
-    let expect = expected_layout(case.base.as_deref());
+    let expect = expected_layout(case.base.as_deref(), case.block_size);
+    match &case.plain {
+        None => {
+            let mut convert = Command::new("qemu-img");
+            convert
+                .arg("convert")
+                .args(case.object_args())
+                .arg("--image-opts")
+                .arg(case.image_opts(&image))
+                .args(["-O", "raw"])
+                .arg(&raw);
+            run_checked(&mut convert);
+        }
+        Some(p) => (p.export)(&image, &raw).unwrap_or_else(|e| panic!("export: {e}")),
+    }
     let (ok, text) = qemu_io(&read_pattern_cmds(&expect));
     assert!(ok, "qemu-io pattern checks failed:\n{text}");
-
-    let raw = dir.path().join("export.raw");
-    let mut convert = Command::new("qemu-img");
-    convert
-        .arg("convert")
-        .args(case.object_args())
-        .arg("--image-opts")
-        .arg(case.image_opts(&image))
-        .args(["-O", "raw"])
-        .arg(&raw);
-    run_checked(&mut convert);
     let exported = std::fs::read(&raw).expect("read export");
     let at = |offset: u64, len: u64| {
         let a = usize::try_from(offset).expect("fits");
@@ -1276,6 +1364,10 @@ pub fn run_guest_live_resize(case: &ImageCase, new_size: u64) {
         base: None,
         qemu_img_check: case.qemu_img_check,
         encrypted: case.encrypted,
+        block_size: case.block_size,
+        // Live resize runs on formats QEMU opens: no plaintext side channel needed.
+        plain: None,
+        location: case.location.clone(),
     };
     let old_sectors = DISK_SIZE / 512;
     let new_sectors = new_size / 512;

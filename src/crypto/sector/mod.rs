@@ -6,13 +6,15 @@
 //!
 //! * [`EnginePath::Vaes512`]: a fused AVX-512 VAES + VPCLMULQDQ kernel (x86-64 only), used by
 //!   [`EnginePath::Auto`] when the CPU has the features.
+//! * [`EnginePath::Aesni`]: the same fused kernel built for 128-bit registers (AES-NI +
+//!   PCLMULQDQ, eight blocks in flight), used by `Auto` on x86-64 CPUs without VAES.
 //! * [`EnginePath::Portable`]: batched modes over the `aes` crate's `encrypt_blocks` /
 //!   `decrypt_blocks` (AES-NI or ARMv8 AES where present, the crate's constant-time fixslice
-//!   software backend elsewhere). Used by `Auto` on every CPU without the VAES kernel.
+//!   software backend elsewhere). Used by `Auto` on every CPU without either fused kernel.
 //! * [`EnginePath::Soft`]: the same batched modes over this module's own constant-time software AES,
 //!   which never touches AES instructions, so the no-hardware code can be tested on any machine.
 //!
-//! `VUQ_CRYPTO_PATH=auto|vaes512|portable|soft` overrides the choice made by [`SectorCipher::new`].
+//! `VUQ_CRYPTO_PATH=auto|vaes512|aesni|portable|soft` overrides the choice made by [`SectorCipher::new`].
 //!
 //! IV rules follow Linux dm-crypt and QEMU: `plain` is the sector number modulo 2^32 as LE32,
 //! `plain64` the sector number as LE64, `essiv:sha256` is AES-256 keyed with SHA-256 of the key
@@ -201,6 +203,8 @@ pub enum EnginePath {
     Auto,
     /// Fused AVX-512 VAES + VPCLMULQDQ kernel.
     Vaes512,
+    /// The fused kernel on 128-bit registers with AES-NI + PCLMULQDQ.
+    Aesni,
     /// Batched modes over the `aes` crate.
     Portable,
     /// Batched modes over this module's constant-time software AES.
@@ -211,11 +215,12 @@ pub enum EnginePath {
 pub const PATH_ENV_VAR: &str = "VUQ_CRYPTO_PATH";
 
 impl EnginePath {
-    /// Parses `auto`, `vaes512`, `portable` or `soft`.
+    /// Parses `auto`, `vaes512`, `aesni`, `portable` or `soft`.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "auto" => Some(EnginePath::Auto),
             "vaes512" => Some(EnginePath::Vaes512),
+            "aesni" => Some(EnginePath::Aesni),
             "portable" => Some(EnginePath::Portable),
             "soft" => Some(EnginePath::Soft),
             _ => None,
@@ -227,6 +232,7 @@ impl EnginePath {
         match self {
             EnginePath::Auto => "auto",
             EnginePath::Vaes512 => "vaes512",
+            EnginePath::Aesni => "aesni",
             EnginePath::Portable => "portable",
             EnginePath::Soft => "soft",
         }
@@ -236,6 +242,7 @@ impl EnginePath {
     pub fn is_available(self) -> bool {
         match self {
             EnginePath::Vaes512 => vaes512_available(),
+            EnginePath::Aesni => aesni_available(),
             EnginePath::Auto | EnginePath::Portable | EnginePath::Soft => true,
         }
     }
@@ -254,6 +261,16 @@ fn vaes512_available() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn vaes512_available() -> bool {
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn aesni_available() -> bool {
+    vaes512::aesni_available()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn aesni_available() -> bool {
     false
 }
 
@@ -320,13 +337,21 @@ impl SectorCipher {
             EnginePath::Vaes512 if vaes512::available() => {
                 Engine::Vaes512(Locked::new(vaes512::Engine::new(spec, key)?))
             }
-            EnginePath::Vaes512 => return Err(SectorCipherError::PathUnavailable { path }),
+            #[cfg(target_arch = "x86_64")]
+            EnginePath::Aesni if vaes512::aesni_available() => {
+                Engine::Vaes512(Locked::new(vaes512::Engine::new_aesni(spec, key)?))
+            }
+            EnginePath::Vaes512 | EnginePath::Aesni => {
+                return Err(SectorCipherError::PathUnavailable { path })
+            }
             EnginePath::Soft => Engine::Soft(Locked::new(portable::Engine::new(spec, key)?)),
             EnginePath::Auto | EnginePath::Portable => {
                 Engine::Portable(Locked::new(portable::Engine::new(spec, key)?))
             }
         };
-        let path = match engine {
+        let path = match &engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::Vaes512(e) if e.is_aesni() => EnginePath::Aesni,
             #[cfg(target_arch = "x86_64")]
             Engine::Vaes512(_) => EnginePath::Vaes512,
             Engine::Portable(_) => EnginePath::Portable,
@@ -418,6 +443,8 @@ impl SectorCipher {
 fn auto_path() -> EnginePath {
     if vaes512_available() {
         EnginePath::Vaes512
+    } else if aesni_available() {
+        EnginePath::Aesni
     } else {
         EnginePath::Portable
     }

@@ -45,7 +45,7 @@ pub(super) fn all_specs() -> Vec<CipherSpec> {
 /// Paths this CPU can run (forced explicitly).
 pub(super) fn paths() -> Vec<EnginePath> {
     let mut v = vec![EnginePath::Portable];
-    for p in [EnginePath::Soft, EnginePath::Vaes512] {
+    for p in [EnginePath::Soft, EnginePath::Vaes512, EnginePath::Aesni] {
         if p.is_available() {
             v.push(p);
         } else {
@@ -384,6 +384,7 @@ fn engine_path_names() {
     for p in [
         EnginePath::Auto,
         EnginePath::Vaes512,
+        EnginePath::Aesni,
         EnginePath::Portable,
         EnginePath::Soft,
     ] {
@@ -402,7 +403,7 @@ fn engine_path_names() {
 
 #[test]
 fn forced_unavailable_path_is_an_error() {
-    for p in [EnginePath::Vaes512, EnginePath::Soft] {
+    for p in [EnginePath::Vaes512, EnginePath::Aesni, EnginePath::Soft] {
         if !p.is_available() {
             assert!(matches!(
                 SectorCipher::with_path(

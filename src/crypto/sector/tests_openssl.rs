@@ -189,6 +189,15 @@ fn vaes512_every_request_length_matches_openssl() {
 }
 
 #[test]
+fn aesni_every_request_length_matches_openssl() {
+    if !EnginePath::Aesni.is_available() {
+        println!("note: this CPU lacks AES-NI + PCLMULQDQ; aesni path not tested");
+        return;
+    }
+    all_lengths(Some(EnginePath::Aesni), &(1..=256).collect::<Vec<_>>(), 5);
+}
+
+#[test]
 fn fused_kernel_on_xmm_lanes_every_request_length_matches_openssl() {
     // The VAES-512 kernel's code with each zmm operation done on four xmm registers (AES-NI):
     // its logic is tested here even where the CPU has no VAES.
