@@ -105,10 +105,21 @@ impl BackingRead for NoBacking {
 struct NoCrypt;
 
 impl ClusterCrypt for NoCrypt {
-    fn decrypt(&self, _: &mut [u8], _: u64, _: u64) -> Result<(), CryptError> {
+    fn decrypt(
+        &self,
+        _: &mut [u8],
+        _: qcow2::HostOffset,
+        _: qcow2::GuestOffset,
+    ) -> Result<(), CryptError> {
         Err(CryptError::new("map reads no data"))
     }
-    fn encrypt_to(&self, _: &[u8], _: &mut [u8], _: u64, _: u64) -> Result<(), CryptError> {
+    fn encrypt_to(
+        &self,
+        _: &[u8],
+        _: &mut [u8],
+        _: qcow2::HostOffset,
+        _: qcow2::GuestOffset,
+    ) -> Result<(), CryptError> {
         Err(CryptError::new("map reads no data"))
     }
 }

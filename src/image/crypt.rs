@@ -17,7 +17,7 @@ use crate::crypto::qcow_aes::QcowAes;
 use crate::crypto::secret::Passphrase;
 use crate::crypto::sector::SectorCipher;
 use crate::crypto::SECTOR_SIZE;
-use crate::qcow2::{ClusterCrypt, CryptError, Qcow2Probe};
+use crate::qcow2::{ClusterCrypt, CryptError, GuestOffset, HostOffset, Qcow2Probe};
 use crate::storage::{OpenFlags, Storage};
 
 const SECTOR: u64 = SECTOR_SIZE as u64;
@@ -53,10 +53,10 @@ impl ClusterCrypt for LuksClusterCrypt {
     fn decrypt(
         &self,
         buf: &mut [u8],
-        host_offset: u64,
-        _guest: u64,
+        host: HostOffset,
+        _guest: GuestOffset,
     ) -> std::result::Result<(), CryptError> {
-        let s = sector_of(host_offset)?;
+        let s = sector_of(host.0)?;
         self.cipher.decrypt_sectors(buf, s).map_err(CryptError::new)
     }
 
@@ -64,10 +64,10 @@ impl ClusterCrypt for LuksClusterCrypt {
         &self,
         src: &[u8],
         dst: &mut [u8],
-        host_offset: u64,
-        _guest: u64,
+        host: HostOffset,
+        _guest: GuestOffset,
     ) -> std::result::Result<(), CryptError> {
-        let s = sector_of(host_offset)?;
+        let s = sector_of(host.0)?;
         self.cipher
             .encrypt_sectors_to(src, dst, s)
             .map_err(CryptError::new)
@@ -90,10 +90,10 @@ impl ClusterCrypt for QcowAesClusterCrypt {
     fn decrypt(
         &self,
         buf: &mut [u8],
-        _host: u64,
-        guest_offset: u64,
+        _host: HostOffset,
+        guest: GuestOffset,
     ) -> std::result::Result<(), CryptError> {
-        let s = sector_of(guest_offset)?;
+        let s = sector_of(guest.0)?;
         self.aes
             .cipher()
             .decrypt_sectors(buf, s)
@@ -104,10 +104,10 @@ impl ClusterCrypt for QcowAesClusterCrypt {
         &self,
         src: &[u8],
         dst: &mut [u8],
-        _host: u64,
-        guest_offset: u64,
+        _host: HostOffset,
+        guest: GuestOffset,
     ) -> std::result::Result<(), CryptError> {
-        let s = sector_of(guest_offset)?;
+        let s = sector_of(guest.0)?;
         self.aes
             .cipher()
             .encrypt_sectors_to(src, dst, s)
@@ -218,14 +218,15 @@ mod tests {
         let reference = SectorCipher::new(spec, &key).expect("cipher");
         let src = vec![0x42u8; 1024];
         let mut got = vec![0u8; 1024];
-        luks.encrypt_to(&src, &mut got, 0x10000, 0x200)
+        luks.encrypt_to(&src, &mut got, HostOffset(0x10000), GuestOffset(0x200))
             .expect("enc");
         let mut want = src.clone();
         reference
             .encrypt_sectors(&mut want, 0x10000 / 512)
             .expect("ref");
         assert_eq!(got, want);
-        luks.decrypt(&mut got, 0x10000, 0x999_000).expect("dec");
+        luks.decrypt(&mut got, HostOffset(0x10000), GuestOffset(0x999_000))
+            .expect("dec");
         assert_eq!(got, src);
 
         let aes = QcowAesClusterCrypt::new(QcowAes::new(&Passphrase::new(b"pw")).expect("aes"));
@@ -234,7 +235,7 @@ mod tests {
             b"pw\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
         )
         .expect("cipher");
-        aes.encrypt_to(&src, &mut got, 0x777_000, 0x400)
+        aes.encrypt_to(&src, &mut got, HostOffset(0x777_000), GuestOffset(0x400))
             .expect("enc");
         let mut want = src.clone();
         reference.encrypt_sectors(&mut want, 2).expect("ref");
@@ -246,8 +247,12 @@ mod tests {
         let spec = parse_cipher("aes-256-xts-plain64").expect("spec");
         let luks = LuksClusterCrypt::new(SectorCipher::new(spec, &[1u8; 64]).expect("cipher"));
         let mut buf = vec![0u8; 512];
-        assert!(luks.decrypt(&mut buf, 100, 0).is_err());
+        assert!(luks
+            .decrypt(&mut buf, HostOffset(100), GuestOffset(0))
+            .is_err());
         let mut short = vec![0u8; 100];
-        assert!(luks.decrypt(&mut short, 512, 0).is_err());
+        assert!(luks
+            .decrypt(&mut short, HostOffset(512), GuestOffset(0))
+            .is_err());
     }
 }

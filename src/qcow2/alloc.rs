@@ -32,6 +32,11 @@ pub struct Refcounts {
     /// First cluster index that may be free.
     hint: u64,
     read_only: bool,
+    /// Bumped whenever the table moves or a block is added (the overlap check's live set
+    /// follows it).
+    layout_gen: u64,
+    /// End of the highest cluster allocated so far (at least the file's length at load).
+    high_water: u64,
 }
 
 impl Refcounts {
@@ -50,12 +55,7 @@ impl Refcounts {
                 what: "refcount table larger than 8 MiB",
             });
         }
-        let mut raw = vec![0u8; usize::try_from(bytes).map_err(|_| Error::TooLarge)?];
-        storage.read_at(&mut raw, table_offset)?;
-        let table: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let table = super::codec::read(storage, table_offset, bytes / 8)?;
         Ok(Self {
             order,
             cluster_bits,
@@ -66,6 +66,8 @@ impl Refcounts {
             blocks: HashMap::new(),
             hint: 0,
             read_only,
+            layout_gen: 0,
+            high_water: storage.len()?.div_ceil(1 << cluster_bits) << cluster_bits,
         })
     }
 
@@ -87,6 +89,17 @@ impl Refcounts {
     pub fn table_location(&self) -> (u64, u64) {
         let bytes = (self.disk_entries as u64) * 8;
         (self.table_offset, bytes >> self.cluster_bits)
+    }
+
+    /// Changes whenever the refcount table moves or gains a block.
+    pub fn layout_gen(&self) -> u64 {
+        self.layout_gen
+    }
+
+    /// Host offsets below this are inside the image: the file's length at open (rounded up to
+    /// a cluster) or the end of the highest cluster allocated since.
+    pub fn high_water(&self) -> u64 {
+        self.high_water
     }
 
     /// Entries per refcount block.
@@ -219,7 +232,22 @@ impl Refcounts {
         let b = self.load_block(storage, off)?;
         let (s, e) = Self::set_entry(order, b, idx, v);
         let bytes = b[s..e].to_vec();
-        storage.write_at(&bytes, off + s as u64)?;
+        self.write_block_bytes(storage, off, s, &bytes)
+    }
+
+    /// Writes part of a cached block; on failure drops the cached block, so that memory never
+    /// says what the disk may not (it is read again on next use).
+    fn write_block_bytes(
+        &mut self,
+        storage: &dyn Storage,
+        off: u64,
+        at: usize,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        if let Err(e) = storage.write_at(bytes, off + at as u64) {
+            self.blocks.remove(&off);
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -269,15 +297,32 @@ impl Refcounts {
         storage.write_at(&blk, off)?;
         self.blocks.insert(off, blk);
         self.table[bi_usize] = off;
-        if !self_cover {
-            self.update(storage, c, true)?;
+        self.layout_gen += 1;
+        let mut counted = false;
+        let r = (|| {
+            if !self_cover {
+                self.update(storage, c, true)?;
+                counted = true;
+            }
+            // The block (and its own refcount) must be durable before the table points at it.
+            storage.sync()?;
+            if bi_usize < self.disk_entries {
+                storage.write_at(&off.to_be_bytes(), self.table_offset + bi * 8)?;
+            }
+            Ok(off)
+        })();
+        if r.is_err() {
+            // Memory follows the disk: the table does not point at the block, whose own count
+            // is given back.
+            self.table[bi_usize] = 0;
+            self.blocks.remove(&off);
+            if counted {
+                if let Err(e) = self.update(storage, c, false) {
+                    log::warn!("cannot give back a refcount block's cluster: {e}");
+                }
+            }
         }
-        // The block (and its own refcount) must be durable before the table points at it.
-        storage.sync()?;
-        if bi_usize < self.disk_entries {
-            storage.write_at(&off.to_be_bytes(), self.table_offset + bi * 8)?;
-        }
-        Ok(off)
+        r
     }
 
     /// Grows the refcount table so that it has an entry `min_index`.
@@ -290,19 +335,24 @@ impl Refcounts {
         if (want as u64) * 8 > MAX_REFTABLE_BYTES {
             return Err(Error::TooLarge);
         }
+        let old_len = self.table.len();
         self.table.resize(want, 0);
+        let r = self.grow_to(storage, want, per_cluster);
+        if r.is_err() {
+            self.table.truncate(old_len.max(self.disk_entries));
+        }
+        r
+    }
+
+    fn grow_to(
+        &mut self,
+        storage: &dyn Storage,
+        want: usize,
+        per_cluster: usize,
+    ) -> Result<(), Error> {
         let nclusters = (want / per_cluster) as u64;
         let c = self.find_free(storage, nclusters)?;
-        for i in 0..nclusters {
-            self.update(storage, c + i, true)?;
-        }
         let new_off = c << self.cluster_bits;
-        let mut raw = Vec::with_capacity(want * 8);
-        for e in &self.table {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        storage.write_at(&raw, new_off)?;
-        storage.sync()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&new_off.to_be_bytes());
         hdr[8..].copy_from_slice(
@@ -310,11 +360,38 @@ impl Refcounts {
                 .map_err(|_| Error::TooLarge)?
                 .to_be_bytes(),
         );
-        storage.write_at(&hdr, OFF_REFCOUNT_TABLE)?;
-        storage.sync()?;
+        let mut counted = 0;
+        let r = (|| {
+            for i in 0..nclusters {
+                self.update(storage, c + i, true)?;
+                counted += 1;
+            }
+            super::codec::write(storage, new_off, &self.table)?;
+            storage.sync()?;
+            storage.write_at(&hdr, OFF_REFCOUNT_TABLE)?;
+            storage.sync()?;
+            Ok::<(), Error>(())
+        })();
+        if let Err(e) = r {
+            // Switched after all if the header says so (a failed sync after the write);
+            // otherwise the new table's clusters are given back (no leak).
+            let mut now = [0u8; 8];
+            let switched = counted == nclusters
+                && storage.read_at(&mut now, OFF_REFCOUNT_TABLE).is_ok()
+                && now == hdr[..8];
+            if !switched {
+                for i in 0..counted {
+                    if let Err(e2) = self.update(storage, c + i, false) {
+                        log::warn!("cannot give back a refcount-table cluster: {e2}");
+                    }
+                }
+                return Err(e);
+            }
+        }
         let (old_off, old_clusters) = self.table_location();
         self.table_offset = new_off;
         self.disk_entries = want;
+        self.layout_gen += 1;
         for i in 0..old_clusters {
             self.update(storage, (old_off >> self.cluster_bits) + i, false)?;
         }
@@ -361,6 +438,7 @@ impl Refcounts {
             c += 1;
         }
         self.hint = start + n;
+        self.high_water = self.high_water.max((start + n) << self.cluster_bits);
         Ok(start)
     }
 
@@ -370,6 +448,28 @@ impl Refcounts {
             return Err(Error::ReadOnly);
         }
         let c = self.find_free(storage, n)?;
+        let mut done = 0;
+        if let Err(e) = self.alloc_at(storage, c, n, &mut done) {
+            // Give back what was counted (a leak otherwise); memory follows the disk.
+            for x in c..c + done {
+                if let Err(e2) = self.set(storage, x, 0) {
+                    log::warn!("cannot give back cluster {x}: {e2}");
+                }
+            }
+            return Err(e);
+        }
+        Ok(c << self.cluster_bits)
+    }
+
+    /// Sets the refcounts of `c..c+n` to 1, one write per block; `done` counts the clusters
+    /// whose count reached the file.
+    fn alloc_at(
+        &mut self,
+        storage: &dyn Storage,
+        c: u64,
+        n: u64,
+        done: &mut u64,
+    ) -> Result<(), Error> {
         // Batch the entry writes per block.
         let mut i = 0;
         while i < n {
@@ -386,6 +486,8 @@ impl Refcounts {
             for x in cl..upto {
                 let idx = usize::try_from(x & mask).map_err(|_| Error::TooLarge)?;
                 if Self::entry(order, b, idx) != 0 {
+                    // Entries set above in this block never reached the file.
+                    self.blocks.remove(&off);
                     return Err(Error::BadOffset {
                         what: "allocating a cluster in use",
                         offset: x,
@@ -396,10 +498,11 @@ impl Refcounts {
                 hi = hi.max(e);
             }
             let bytes = b[lo..hi].to_vec();
-            storage.write_at(&bytes, off + lo as u64)?;
+            self.write_block_bytes(storage, off, lo, &bytes)?;
             i = upto - c;
+            *done = i;
         }
-        Ok(c << self.cluster_bits)
+        Ok(())
     }
 
     /// Decrements the refcount of every cluster overlapping `offset..offset+len`; appends the

@@ -180,6 +180,14 @@ impl L2Cache {
     }
 }
 
+/// A host range whose reference was dropped, and the free sequence number current when it was.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingFree {
+    pub offset: u64,
+    pub len: u64,
+    pub seq: u64,
+}
+
 /// Everything behind the metadata lock.
 pub struct Meta {
     pub l1: Vec<u64>,
@@ -187,11 +195,24 @@ pub struct Meta {
     pub rc: Refcounts,
     /// Host ranges whose references were dropped but whose refcounts are decremented only after
     /// the next barrier (so that a reference is never durable to a cluster with refcount 0).
-    pub pending_frees: Vec<(u64, u64)>,
+    pub pending_frees: Vec<PendingFree>,
+    /// Bumped by each flush before its barrier: frees queued with a smaller or equal number had
+    /// their pointer writes issued before that barrier.
+    pub free_seq: u64,
     /// Whether the first-write header update (autoclear bits) was done.
     pub written: bool,
-    /// Reserved data clusters (refcount 1, durable, not yet referenced): `pool.0..pool.1`.
-    pub pool: (u64, u64),
+    /// Reserved data clusters (refcount 1, not yet referenced), taken from the end.
+    pub pool: Vec<u64>,
+    /// Bumped by every refcount increment a pointer may come to depend on (pool refill, new
+    /// L2 table); `rc_synced` is the value the last completed barrier covered.
+    pub rc_gen: u64,
+    pub rc_synced: u64,
+    /// Guest clusters with a transaction in flight (planned, not committed or rolled back).
+    pub busy: std::collections::HashSet<u64>,
+    /// L1 indices whose L2 table is being allocated or copied.
+    pub busy_l1: std::collections::HashSet<usize>,
+    /// Where metadata lives (guest data must not be written there).
+    pub(super) overlap: super::bounds::Overlap,
 }
 
 /// Result of a lookup under the read lock.
@@ -257,16 +278,7 @@ impl Meta {
                 offset: off,
             });
         }
-        let mut raw = vec![0u8; usize::try_from(geo.cluster_size).map_err(|_| Error::TooLarge)?];
-        storage.read_at(&mut raw, off)?;
-        let t = raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_be_bytes(a)
-            })
-            .collect();
+        let t = super::codec::read(storage, off, geo.cluster_size / 8)?;
         self.l2.insert(off, t);
         Ok(())
     }

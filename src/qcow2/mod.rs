@@ -4,8 +4,11 @@
 //! - [`types`]: geometry (guest offset → L1/L2 index).
 //! - [`metadata`]: L1, L2 cache and refcounts behind one lock; lookups return a [`Mapping`].
 //! - [`alloc`]: refcounts of every order and cluster allocation.
-//! - [`engine`]: [`Qcow2`], the read/write/discard paths.
-//! - [`compressed`], [`check`], [`create`].
+//! - [`engine`]: [`Qcow2`], its locks and shared helpers; the paths in `read`, `write`, `zero`
+//!   (discard, write-zeroes), `txn` (metadata transactions), `pool` (reserved clusters, frees,
+//!   flush), `prealloc`.
+//! - [`compressed`], [`check`] (with `refs`, the reference counting, and `repair`, the refcount
+//!   rebuild), [`create`].
 //!
 //! Nothing here knows about virtio; the image layer adapts [`Qcow2`] to `BlockImage`.
 
@@ -18,25 +21,38 @@ use crate::storage::{Storage, StorageError};
 pub mod alloc;
 mod bounds;
 pub mod check;
+mod codec;
 pub mod compressed;
 pub mod create;
 pub mod engine;
 pub mod header;
 mod iov;
 pub mod metadata;
+mod pool;
+mod prealloc;
+mod read;
+mod refs;
+mod repair;
 pub mod resize;
+mod snapshot;
 pub mod snapshot_ops;
 pub mod stream;
+mod txn;
 pub mod types;
+mod write;
+mod zero;
 
 #[cfg(test)]
 mod harden_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod txn_tests;
 
 pub use engine::{Qcow2, Qcow2Options};
 pub use header::Header;
 pub use metadata::Mapping;
+pub use types::{GuestOffset, HostOffset};
 
 /// Errors of the qcow2 layer.
 #[derive(Debug, Error)]
@@ -121,23 +137,25 @@ impl CryptError {
     }
 }
 
-/// Data-cluster encryption, implemented by the LUKS / legacy-AES layer.
+/// Data-cluster encryption, implemented by the LUKS / legacy-AES layer. The two offsets have
+/// their own types: LUKS takes its IV from the host offset, legacy AES from the guest offset,
+/// and a swap does not compile.
 pub trait ClusterCrypt: Send + Sync {
-    /// Decrypt in place data just read from the file. `host_offset` is the file offset of `buf[0]`,
-    /// `guest_offset` the guest offset of `buf[0]`; both multiples of 512, `buf.len()` a multiple of 512.
+    /// Decrypt in place data just read from the file. `host` is the file offset of `buf[0]`,
+    /// `guest` the guest offset of `buf[0]`; both multiples of 512, `buf.len()` a multiple of 512.
     fn decrypt(
         &self,
         buf: &mut [u8],
-        host_offset: u64,
-        guest_offset: u64,
+        host: HostOffset,
+        guest: GuestOffset,
     ) -> std::result::Result<(), CryptError>;
-    /// dst = encrypt(src) for writing at host_offset/guest_offset. src is never modified.
+    /// dst = encrypt(src) for writing at host/guest. src is never modified.
     fn encrypt_to(
         &self,
         src: &[u8],
         dst: &mut [u8],
-        host_offset: u64,
-        guest_offset: u64,
+        host: HostOffset,
+        guest: GuestOffset,
     ) -> std::result::Result<(), CryptError>;
 }
 

@@ -240,11 +240,11 @@ impl ClusterCrypt for XorCrypt {
     fn decrypt(
         &self,
         buf: &mut [u8],
-        host_offset: u64,
-        _g: u64,
+        host: HostOffset,
+        _g: GuestOffset,
     ) -> std::result::Result<(), CryptError> {
         for (i, b) in buf.iter_mut().enumerate() {
-            *b ^= key(host_offset, i);
+            *b ^= key(host.0, i);
         }
         Ok(())
     }
@@ -252,11 +252,11 @@ impl ClusterCrypt for XorCrypt {
         &self,
         src: &[u8],
         dst: &mut [u8],
-        host_offset: u64,
-        _g: u64,
+        host: HostOffset,
+        _g: GuestOffset,
     ) -> std::result::Result<(), CryptError> {
         for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
-            *d = *s ^ key(host_offset, i);
+            *d = *s ^ key(host.0, i);
         }
         Ok(())
     }

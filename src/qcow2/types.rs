@@ -80,3 +80,25 @@ impl Geometry {
         1usize << self.cluster_bits
     }
 }
+
+/// A byte offset in the guest's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestOffset(pub u64);
+
+/// A byte offset in the image (or external data) file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostOffset(pub u64);
+
+impl GuestOffset {
+    /// `self + n` (callers stay within the checked request range).
+    pub fn plus(self, n: u64) -> Self {
+        Self(self.0 + n)
+    }
+}
+
+impl HostOffset {
+    /// `self + n` (callers stay within one mapped cluster run).
+    pub fn plus(self, n: u64) -> Self {
+        Self(self.0 + n)
+    }
+}
