@@ -630,7 +630,8 @@ impl Qcow2 {
             return Ok(old);
         }
         let table = if old == 0 {
-            vec![0u64; 1 << self.geo.l2_bits]
+            // One or two words per entry (extended L2: entry + subcluster bitmap).
+            vec![0u64; self.geo.entry_words() << self.geo.l2_bits]
         } else {
             m.load_l2(st, old, &self.geo)?;
             m.l2.get(old).map(<[u64]>::to_vec).ok_or(Error::BadOffset {
@@ -639,6 +640,8 @@ impl Qcow2 {
             })?
         };
         let new = m.rc.alloc(st, 1)?;
+        // Refcounts that call a metadata cluster free must not make it an L2 table.
+        self.check_overlap(m, new, self.geo.cluster_size)?;
         let mut raw = Vec::with_capacity(table.len() * 8);
         for v in &table {
             raw.extend_from_slice(&v.to_be_bytes());
@@ -774,6 +777,8 @@ impl Qcow2 {
         }
         let c = m.pool.0;
         m.pool.0 += cs;
+        // Refcounts that call a metadata cluster free must not make it a data cluster.
+        self.check_overlap(m, c, cs)?;
         Ok(c)
     }
 
