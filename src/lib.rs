@@ -6,6 +6,7 @@ pub mod cli;
 pub mod crypto;
 pub mod image;
 pub mod qcow2;
+pub mod sandbox;
 pub mod storage;
 pub mod vhost_user;
 pub mod virtio_blk;

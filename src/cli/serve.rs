@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
     pub key: super::keyslot::KeyArgs,
+    /// System-call filter on every thread (docs/sandbox.md): `kill` the process on a call
+    /// outside the thread's allowlist, `log` it (kernel audit log) and allow it, or `off`.
+    #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["off", "log", "kill"])]
+    pub seccomp: String,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -116,6 +120,8 @@ pub enum ServeError {
     },
     #[error("invalid options")]
     Options(#[source] BackendError),
+    #[error("seccomp")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -159,6 +165,10 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         logical_block_size: args.logical_block_size,
         serial: args.serial.clone(),
     };
+
+    crate::sandbox::configure(
+        crate::sandbox::Mode::from_name(&args.seccomp).unwrap_or(crate::sandbox::Mode::Kill),
+    )?;
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
     // the signal thread receives them.
@@ -217,6 +227,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
+    crate::sandbox::enter(crate::sandbox::ThreadKind::Main)?;
     let r = vhost_user::serve(listener, image, &opts, args.once);
     drop(guard);
     Ok(r?)
@@ -345,6 +356,7 @@ fn spawn_signal_thread(
     std::thread::Builder::new()
         .name("signals".to_owned())
         .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Signal);
             let mut sig: libc::c_int = 0;
             loop {
                 // SAFETY: `set` is an initialised sigset with the signals blocked in every thread;

@@ -254,6 +254,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
+        crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Protocol);
         self.features
     }
 
@@ -262,6 +263,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Protocol);
         // Not INFLIGHT_SHMFD (vhost-user-backend cannot serve it), not IN_ORDER or
         // NOTIFICATION_DATA (not implemented), not LOG_SHMFD (no dirty logging).
         VhostUserProtocolFeatures::CONFIG
@@ -315,6 +317,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Protocol);
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
         Ok(())
     }
@@ -349,6 +352,7 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
                 "unexpected event set {evset:?} on queue {thread_id}"
