@@ -4,6 +4,8 @@
 
 pub mod cli;
 pub mod crypto;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod image;
 pub mod qcow2;
 pub mod sandbox;
