@@ -75,15 +75,16 @@ const IMAGE_IO: &[i64] = &[
     libc::SYS_lseek,
 ];
 
-/// Event loops: epoll on eventfds, kick and call eventfds.
+/// Event loops: waiting on epoll, reading kick / exit eventfds.
 const EVENTS: &[i64] = &[
-    libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
     libc::SYS_read,
 ];
+
+/// Creating event loops and eventfds (the queue workers get theirs from the main thread).
+const EVENT_SETUP: &[i64] = &[libc::SYS_epoll_create1, libc::SYS_eventfd2];
 
 /// The vhost-user protocol: messages with fds, memory tables, rings.
 const PROTOCOL: &[i64] = &[
@@ -129,12 +130,21 @@ const CONTROL: &[i64] = &[
 fn lists(kind: ThreadKind) -> Vec<&'static [i64]> {
     match kind {
         ThreadKind::Main => vec![
-            COMMON, IMAGE_IO, EVENTS, PROTOCOL, THREADS, NARROW, ACCEPT, SIGNALS, CONTROL,
+            COMMON,
+            IMAGE_IO,
+            EVENTS,
+            EVENT_SETUP,
+            PROTOCOL,
+            THREADS,
+            NARROW,
+            ACCEPT,
+            SIGNALS,
+            CONTROL,
         ],
-        ThreadKind::Protocol => vec![COMMON, IMAGE_IO, EVENTS, PROTOCOL],
+        ThreadKind::Protocol => vec![COMMON, IMAGE_IO, EVENTS, EVENT_SETUP, PROTOCOL],
         ThreadKind::Worker => vec![COMMON, IMAGE_IO, EVENTS],
         ThreadKind::Signal => vec![COMMON, IMAGE_IO, SIGNALS],
-        ThreadKind::Control => vec![COMMON, IMAGE_IO, EVENTS, CONTROL],
+        ThreadKind::Control => vec![COMMON, IMAGE_IO, EVENTS, EVENT_SETUP, CONTROL],
     }
 }
 
