@@ -22,8 +22,16 @@ struct Client {
 
 impl Client {
     fn connect(d: &Daemon, num_queues: i32, read_only: bool) -> blkio::Result<Client> {
+        Self::connect_path(&d.sock, num_queues, read_only)
+    }
+
+    fn connect_path(
+        sock: &std::path::Path,
+        num_queues: i32,
+        read_only: bool,
+    ) -> blkio::Result<Client> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
-        blkio.set_str("path", d.sock.to_str().expect("utf-8 path"))?;
+        blkio.set_str("path", sock.to_str().expect("utf-8 path"))?;
         blkio.set_bool("read-only", read_only)?;
         blkio.connect()?;
         blkio.set_i32("num-queues", num_queues)?;
@@ -303,4 +311,58 @@ fn seccomp_off_leaves_every_thread_unfiltered() {
     let threads = seccomp_of_threads(d.child.id());
     assert!(threads.iter().all(|t| t.2 == 0), "{threads:?}");
     drop(c);
+}
+
+/// systemd socket activation and readiness: under `systemd-socket-activate` (LISTEN_FDS /
+/// LISTEN_PID, no --socket-path or --fd) the daemon serves the passed socket, tells the
+/// NOTIFY_SOCKET `READY=1` once it serves and `STOPPING=1` on SIGTERM, and exits 0.
+#[test]
+fn systemd_socket_activation_and_notify() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = common::make_image(dir.path(), 4 * MIB);
+    let sock = dir.path().join("activated.sock");
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).expect("bind notify");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        // It passes only the variables named with -E to the service.
+        .arg("-E")
+        .arg("NOTIFY_SOCKET")
+        .arg(common::BIN)
+        .arg("serve")
+        .arg("--image")
+        .arg(&image)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd)");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(20), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts the daemon on the passed socket.
+    let mut c = Client::connect_path(&sock, 1, false).expect("connect");
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 datagram");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(write(&mut c, 0, MIB, &[0x5c; 4096]), 0);
+    assert_eq!(read(&mut c, 0, MIB, 4096), vec![0x5c; 4096]);
+    drop(c);
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill() with the pid of our own child (systemd-socket-activate exec'd the daemon).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let n = notify.recv(&mut buf).expect("STOPPING=1 datagram");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let st = common::wait_timeout(&mut child, 20).expect("daemon exits");
+    assert!(st.success(), "{st:?}");
+    let all = std::fs::read(&image).expect("image");
+    assert_eq!(&all[1 << 20..(1 << 20) + 4096], &[0x5c; 4096][..]);
 }

@@ -27,6 +27,9 @@ pub struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
+    /// Image format (detected when not given); only qcow2 images can be checked.
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
     /// The image file.
     pub file: PathBuf,
 }
@@ -79,7 +82,15 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             direct: false,
         },
     )?;
-    if image::detect_format(&st)? != Format::Qcow2 {
+    let format = match args.format.as_deref() {
+        None => image::detect_format(&st)?,
+        Some(f) => Format::from_name(f)
+            .ok_or(ToolError::BadArgument("format must be raw, qcow2 or luks"))?,
+    };
+    if format == Format::Qcow2 && !crate::qcow2::is_qcow2(&st)? {
+        return Err(crate::qcow2::Error::BadMagic.into());
+    }
+    if format != Format::Qcow2 {
         writeln!(out, "This image format does not support checks")?;
         return Ok(63);
     }

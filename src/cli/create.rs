@@ -13,6 +13,8 @@ pub enum CreateFormat {
     #[default]
     Qcow2,
     Raw,
+    /// A raw LUKS file (qemu-img's `luks` format): `-f raw --encrypt luks`.
+    Luks,
 }
 
 /// Preallocation mode.
@@ -53,6 +55,22 @@ pub struct CreateArgs {
     /// LUKS file (qemu-img's `luks` format); with qcow2, crypt_method 2.
     #[command(flatten)]
     pub encrypt: super::encrypt::EncryptArgs,
+    /// Format options as qemu-img spells them (`-o cluster_size=64k,lazy_refcounts=on,…`);
+    /// they override the long options.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// A secret object, `secret,id=ID,file=FILE`, named by `-o encrypt.key-secret=ID`.
+    #[arg(long = "object", value_name = "OBJECT")]
+    pub objects: Vec<String>,
+    /// qcow2 lazy refcounts (`-o lazy_refcounts=on`).
+    #[arg(skip)]
+    pub lazy_refcounts: bool,
+    /// qcow2 extended L2 entries with subclusters (`-o extended_l2=on`).
+    #[arg(skip)]
+    pub extended_l2: bool,
+    /// qcow2 compression type, 0 zlib or 1 zstd (`-o compression_type=zstd`).
+    #[arg(skip)]
+    pub compression_type: u8,
     /// The new image file.
     pub file: PathBuf,
     /// Virtual size (e.g. 10G); defaults to the backing file's size.
@@ -61,6 +79,7 @@ pub struct CreateArgs {
 
 /// Runs `create`; returns the exit code.
 pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
+    let args = &super::create_opts::apply(args)?;
     let backing_size = match &args.backing {
         Some(b) => {
             let path = image::resolve_backing(&args.file, b);
@@ -95,9 +114,10 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             ))
         }
     };
-    if size % 512 != 0 {
-        return Err(ToolError::BadArgument("the size must be a multiple of 512"));
-    }
+    // As qemu-img: sizes are rounded up to whole 512-byte sectors.
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or(ToolError::BadArgument("the size is too large"))?;
     let luks = args.encrypt.luks_params()?;
     if luks.is_some() && args.preallocation != PreallocArg::Off {
         // Preallocated clusters hold plaintext zeroes, which would read back as garbage.
@@ -110,7 +130,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         None => None,
     };
     match args.format {
-        CreateFormat::Raw if luks.is_some() => {
+        CreateFormat::Raw | CreateFormat::Luks if luks.is_some() => {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
             }
@@ -118,7 +138,7 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 crate::image::luks::LuksImage::create(&args.file, size, params, pass)?;
             }
         }
-        CreateFormat::Raw => {
+        CreateFormat::Raw | CreateFormat::Luks => {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
             }
@@ -144,6 +164,9 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 cluster_size: parse_size(&args.cluster_size)?,
                 version,
                 refcount_bits: args.refcount_bits,
+                lazy_refcounts: args.lazy_refcounts,
+                extended_l2: args.extended_l2,
+                compression_type: args.compression_type,
                 backing_file: args.backing.clone(),
                 backing_format: args.backing_format.clone(),
                 preallocation: match args.preallocation {
@@ -169,8 +192,8 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         args.file.display(),
         match (args.format, luks.is_some()) {
             (CreateFormat::Qcow2, _) => "qcow2",
-            (CreateFormat::Raw, false) => "raw",
-            (CreateFormat::Raw, true) => "luks",
+            (CreateFormat::Raw | CreateFormat::Luks, false) => "raw",
+            (CreateFormat::Raw | CreateFormat::Luks, true) => "luks",
         },
         match (args.format, &luks) {
             (CreateFormat::Qcow2, Some(_)) => " encrypt.format=luks",

@@ -20,6 +20,9 @@ pub struct InfoArgs {
     /// Image format (detected when not given).
     #[arg(short = 'f', long)]
     pub format: Option<String>,
+    /// Show every image of the backing chain, top first (JSON: an array).
+    #[arg(long)]
+    pub backing_chain: bool,
     /// The image file.
     pub file: PathBuf,
 }
@@ -126,6 +129,10 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                 "format-specific".into(),
                 json!({"type": "qcow2", "data": Value::Object(data)}),
             );
+            let snaps = crate::qcow2::snapshot::read_table(&st, &h)?;
+            if !snaps.is_empty() {
+                v.insert("snapshots".into(), super::snapshot::info_json(&snaps));
+            }
             if let Some(b) = &h.backing_file {
                 v.insert("backing-filename".into(), json!(b));
                 v.insert(
@@ -170,14 +177,55 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 .ok_or(ToolError::BadArgument("format must be raw, qcow2 or luks"))?,
         ),
     };
-    let v = info_json(&args.file, format)?;
-    if args.output == OutputFormat::Json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    if !args.backing_chain {
+        let v = info_json(&args.file, format)?;
+        if args.output == OutputFormat::Json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        } else {
+            write_human(&args.file, &v, out)?;
+        }
         return Ok(0);
     }
+    // The chain: each image's backing file, with its recorded format, until one has none.
+    let mut chain = Vec::new();
+    let mut next = Some((args.file.clone(), format));
+    while let Some((path, format)) = next.take() {
+        if chain.len() > image::MAX_BACKING_DEPTH {
+            return Err(image::ImageError::BackingChain {
+                path: path.display().to_string(),
+                reason: "is deeper than 16",
+            }
+            .into());
+        }
+        let v = info_json(&path, format)?;
+        if let Some(full) = v.get("full-backing-filename").and_then(Value::as_str) {
+            let f = v
+                .get("backing-filename-format")
+                .and_then(Value::as_str)
+                .and_then(Format::from_name);
+            next = Some((PathBuf::from(full), f));
+        }
+        chain.push((path, v));
+    }
+    if args.output == OutputFormat::Json {
+        let all: Vec<&Value> = chain.iter().map(|(_, v)| v).collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+    } else {
+        for (i, (path, v)) in chain.iter().enumerate() {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            write_human(path, v, out)?;
+        }
+    }
+    Ok(0)
+}
+
+/// One image's facts as `qemu-img info` prints them.
+fn write_human(path: &Path, v: &Value, out: &mut dyn Write) -> Result<(), ToolError> {
     let get = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
     let num = |k: &str| get(k).as_u64().unwrap_or(0);
-    writeln!(out, "image: {}", args.file.display())?;
+    writeln!(out, "image: {}", path.display())?;
     writeln!(out, "file format: {}", get("format").as_str().unwrap_or(""))?;
     let vs = num("virtual-size");
     writeln!(out, "virtual size: {} ({vs} bytes)", human_size(vs))?;
@@ -199,6 +247,28 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     if v.get("encrypted").is_some() {
         writeln!(out, "encrypted: yes")?;
     }
+    if let Some(snaps) = v.get("snapshots").and_then(Value::as_array) {
+        writeln!(out, "Snapshot list:")?;
+        writeln!(out, "{}", super::snapshot::dump_line(None))?;
+        for j in snaps {
+            let n = |k: &str| j.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let t = |k: &str| j.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            let sn = crate::qcow2::snapshot::Snapshot {
+                l1_offset: 0,
+                l1_size: 0,
+                id: t("id"),
+                name: t("name"),
+                date_sec: u32::try_from(n("date-sec")).unwrap_or(0),
+                date_nsec: u32::try_from(n("date-nsec")).unwrap_or(0),
+                vm_clock_nsec: n("vm-clock-sec") * 1_000_000_000 + n("vm-clock-nsec"),
+                vm_state_size: n("vm-state-size"),
+                disk_size: None,
+                icount: j.get("icount").and_then(Value::as_u64),
+                unknown_extra: Vec::new(),
+            };
+            writeln!(out, "{}", super::snapshot::dump_line(Some(&sn)))?;
+        }
+    }
     if let Some(data) = v
         .pointer("/format-specific/data")
         .and_then(Value::as_object)
@@ -217,5 +287,5 @@ pub fn run(args: &InfoArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             writeln!(out, "    {}: {shown}", k.replace('-', " "))?;
         }
     }
-    Ok(0)
+    Ok(())
 }

@@ -7,11 +7,20 @@ use clap::{Parser, Subcommand};
 use thiserror::Error;
 
 pub mod check;
+pub mod compare;
+pub mod convert;
 pub mod create;
+pub mod create_opts;
 pub mod encrypt;
+pub mod generate;
 pub mod info;
 pub mod keyslot;
+pub mod map;
+pub mod measure;
+pub mod rebase;
 pub mod serve;
+pub mod snapshot;
+pub mod systemd;
 pub mod tools;
 
 /// vhost-user-blk backend serving raw, qcow2 and LUKS-encrypted images.
@@ -35,6 +44,21 @@ pub enum Command {
     Check(check::CheckArgs),
     /// List, add or remove LUKS key slots.
     Keyslot(keyslot::KeyslotArgs),
+    /// Show where the guest's data lives (as `qemu-img map`).
+    Map(map::MapArgs),
+    /// Compare the guest content of two images (as `qemu-img compare`: exit 0 same, 1 different, 2 error).
+    Compare(compare::CompareArgs),
+    /// Copy an image into a new raw, qcow2 or LUKS image (as `qemu-img convert`).
+    Convert(convert::ConvertArgs),
+    /// How large a new image must be (as `qemu-img measure`).
+    Measure(measure::MeasureArgs),
+    /// List, create, apply or delete internal qcow2 snapshots (as `qemu-img snapshot`).
+    Snapshot(snapshot::SnapshotArgs),
+    /// Change the backing file of a qcow2 image (as `qemu-img rebase`).
+    Rebase(rebase::RebaseArgs),
+    /// Generate the manual pages or shell completions.
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// Errors of any subcommand.
@@ -59,6 +83,13 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Create(args) => create::run(&args, &mut out)?,
         Command::Info(args) => info::run(&args, &mut out)?,
         Command::Check(args) => check::run(&args, &mut out)?,
+        Command::Map(args) => map::run(&args, &mut out)?,
+        Command::Compare(args) => compare::run(&args, &mut out)?,
+        Command::Convert(args) => convert::run(&args, &mut out)?,
+        Command::Measure(args) => measure::run(&args, &mut out)?,
+        Command::Snapshot(args) => snapshot::run(&args, &mut out)?,
+        Command::Rebase(args) => rebase::run(&args, &mut out)?,
+        Command::Generate(args) => generate::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
             0

@@ -23,8 +23,8 @@ use crate::vhost_user::{self, DaemonError};
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Listen on this Unix socket path (created; a stale socket file is replaced).
-    #[arg(long, value_name = "PATH", conflicts_with = "fd",
-          required_unless_present_any = ["fd", "print_capabilities"])]
+    /// Without it, `--fd` or a socket passed by systemd (LISTEN_FDS) is used.
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
     /// Use this inherited, already listening Unix socket file descriptor.
     #[arg(long, value_name = "N")]
@@ -98,6 +98,8 @@ pub enum ServeError {
     },
     #[error("{0} is required")]
     Missing(&'static str),
+    #[error("socket activation: {0}")]
+    SocketActivation(&'static str),
     #[error("passphrase")]
     Secret(#[from] crate::crypto::secret::SecretError),
     #[error("image format {0:?} is not supported")]
@@ -207,13 +209,18 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
         .map_err(ServeError::Options)?;
 
-    let (listener, guard) = match (&args.socket_path, args.fd) {
+    let systemd_fd = super::systemd::listen_fd().map_err(ServeError::SocketActivation)?;
+    let (listener, guard) = match (&args.socket_path, args.fd.or(systemd_fd)) {
         (Some(path), _) => {
             let l = listen(path)?;
             (l, SocketGuard(Some(path.clone())))
         }
         (None, Some(fd)) => (inherited_listener(fd)?, SocketGuard(None)),
-        (None, None) => return Err(ServeError::Missing("--socket-path or --fd")),
+        (None, None) => {
+            return Err(ServeError::Missing(
+                "--socket-path or --fd (or a socket passed by systemd)",
+            ))
+        }
     };
     log::info!(
         "serving {} ({} bytes{}) on {}",
@@ -221,12 +228,13 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         image.capacity(),
         if image.read_only() { ", read-only" } else { "" },
         guard.0.as_ref().map_or_else(
-            || format!("fd {}", args.fd.unwrap_or(-1)),
+            || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
             |p| p.display().to_string()
         )
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
+    super::systemd::notify("READY=1");
     crate::sandbox::enter(crate::sandbox::ThreadKind::Main)?;
     let r = vhost_user::serve(listener, image, &opts, args.once);
     drop(guard);
@@ -367,6 +375,7 @@ fn spawn_signal_thread(
                 }
             }
             log::info!("signal {sig} received: flushing and exiting");
+            super::systemd::notify("STOPPING=1");
             let code = match image.flush() {
                 Ok(()) => 0,
                 Err(e) => {

@@ -15,6 +15,8 @@ pub enum ToolError {
     BadSize(String),
     #[error("{0}")]
     BadArgument(&'static str),
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
     #[error("image")]
     Image(#[from] ImageError),
     #[error("qcow2")]
@@ -37,7 +39,8 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Parses `16M`, `1G`, `512`, `64k` (binary multiples, as qemu-img).
+/// Parses `16M`, `1G`, `512`, `64k`, `1.5G`, `1024b` (binary multiples, as qemu-img; a
+/// fractional part needs a suffix and is truncated to whole bytes, as QEMU's `qemu_strtosz`).
 pub fn parse_size(s: &str) -> Result<u64, ToolError> {
     let bad = || ToolError::BadSize(s.to_string());
     let t = s.trim();
@@ -50,14 +53,33 @@ pub fn parse_size(s: &str) -> Result<u64, ToolError> {
                 'G' => 30,
                 'T' => 40,
                 'P' => 50,
+                'E' => 60,
                 _ => return Err(bad()),
             };
             (&t[..i], 1u64 << shift)
         }
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(mul).ok_or_else(bad)
+    let (int, frac) = match num.split_once('.') {
+        Some((i, f)) if mul > 1 && !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()) => (i, f),
+        Some(_) => return Err(bad()),
+        None => (num, ""),
+    };
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = int.parse().map_err(|_| bad())?;
+    let whole = n.checked_mul(mul).ok_or_else(bad)?;
+    // frac / 10^len × mul, truncated, in u128 so no step overflows (at most 19 digits kept).
+    let digits = &frac[..frac.len().min(19)];
+    let part = if digits.is_empty() {
+        0
+    } else {
+        let f: u128 = digits.parse().map_err(|_| bad())?;
+        let scale = 10u128.pow(u32::try_from(digits.len()).map_err(|_| bad())?);
+        u64::try_from(f * u128::from(mul) / scale).map_err(|_| bad())?
+    };
+    whole.checked_add(part).ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -72,5 +94,14 @@ mod tests {
         assert_eq!(parse_size("2G").expect("n"), 2 << 30);
         assert!(parse_size("1X").is_err());
         assert!(parse_size("99999999999999T").is_err());
+        // Decimal sizes as qemu-img: a fraction needs a suffix and is truncated to bytes.
+        assert_eq!(parse_size("1.5G").expect("n"), 1_610_612_736);
+        assert_eq!(parse_size("1.25M").expect("n"), 1_310_720);
+        assert_eq!(parse_size("0.1M").expect("n"), 104_857);
+        assert_eq!(parse_size("1024b").expect("n"), 1024);
+        assert_eq!(parse_size("1E").expect("n"), 1 << 60);
+        for bad in ["1.5", "1e3", ".5M", "1.M", "-1", "1.5.5M", "16E"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

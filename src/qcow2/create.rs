@@ -32,6 +32,10 @@ pub struct CreateOptions {
     pub version: u32,
     pub refcount_bits: u32,
     pub lazy_refcounts: bool,
+    /// Extended L2 entries (128 bits, 32 subclusters; clusters of 16 KiB or more).
+    pub extended_l2: bool,
+    /// Compression type: 0 zlib (deflate), 1 zstd.
+    pub compression_type: u8,
     /// Backing file name as stored in the header.
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
@@ -50,6 +54,8 @@ impl Default for CreateOptions {
             version: 3,
             refcount_bits: 16,
             lazy_refcounts: false,
+            extended_l2: false,
+            compression_type: 0,
             backing_file: None,
             backing_format: None,
             preallocation: Preallocation::Off,
@@ -107,7 +113,21 @@ pub fn create_on(storage: Box<dyn Storage>, opts: &CreateOptions) -> Result<Crea
             what: "size must be a multiple of 512",
         });
     }
-    let per_l1 = cs * (cs / 8);
+    if opts.extended_l2 && cs < 16384 {
+        return Err(Error::InvalidHeader {
+            what: "extended L2 entries need clusters of at least 16 KiB",
+        });
+    }
+    if (opts.extended_l2 || opts.compression_type != 0) && opts.version != 3 {
+        return Err(Error::InvalidHeader {
+            what: "extended L2 and zstd compression need compat 1.1",
+        });
+    }
+    if opts.compression_type > 1 {
+        return Err(Error::CompressionType(opts.compression_type));
+    }
+    let l2_entry = if opts.extended_l2 { 16 } else { 8 };
+    let per_l1 = cs * (cs / l2_entry);
     let l1_size = u32::try_from(opts.size.div_ceil(per_l1)).map_err(|_| Error::TooLarge)?;
     let l1_bytes = u64::from(l1_size) * 8;
     if l1_bytes > header::MAX_L1_BYTES {
@@ -155,7 +175,15 @@ pub fn create_on(storage: Box<dyn Storage>, opts: &CreateOptions) -> Result<Crea
         refcount_table_clusters: u32::try_from(rt_clusters).map_err(|_| Error::TooLarge)?,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible: 0,
+        incompatible: if opts.extended_l2 {
+            header::INCOMPAT_EXTL2
+        } else {
+            0
+        } | if opts.compression_type != 0 {
+            header::INCOMPAT_COMPRESSION
+        } else {
+            0
+        },
         compatible: if opts.lazy_refcounts {
             header::COMPAT_LAZY_REFCOUNTS
         } else {
@@ -164,7 +192,7 @@ pub fn create_on(storage: Box<dyn Storage>, opts: &CreateOptions) -> Result<Crea
         autoclear: 0,
         refcount_order,
         header_length: if opts.version == 3 { 112 } else { 72 },
-        compression_type: 0,
+        compression_type: opts.compression_type,
         extensions: Vec::new(),
         backing_file: opts.backing_file.clone(),
         backing_format: None,

@@ -24,6 +24,8 @@ pub mod engine;
 pub mod header;
 mod iov;
 pub mod metadata;
+pub mod snapshot;
+pub mod stream;
 pub mod types;
 
 #[cfg(test)]

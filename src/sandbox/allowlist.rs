@@ -45,6 +45,8 @@ const COMMON: &[i64] = &[
     libc::SYS_write,
     libc::SYS_writev,
     libc::SYS_close,
+    // Debug builds check an fd with fcntl(F_GETFD) before closing it (std's OwnedFd::drop).
+    libc::SYS_fcntl,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
     libc::SYS_gettid,
@@ -114,6 +116,10 @@ const ACCEPT: &[i64] = &[libc::SYS_accept4, libc::SYS_accept, libc::SYS_unlink];
 /// Waiting for SIGTERM / SIGINT.
 const SIGNALS: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_unlink];
 
+/// Telling systemd `STOPPING=1` (cli/systemd.rs): one datagram on a fresh AF_UNIX socket
+/// (`socket` is allowed for AF_UNIX only, see [`argument_rules`]).
+const NOTIFY: &[i64] = &[libc::SYS_socket, libc::SYS_sendto];
+
 /// The control socket: accept, read a command, answer.
 const CONTROL: &[i64] = &[
     libc::SYS_accept4,
@@ -139,11 +145,12 @@ fn lists(kind: ThreadKind) -> Vec<&'static [i64]> {
             NARROW,
             ACCEPT,
             SIGNALS,
+            NOTIFY,
             CONTROL,
         ],
         ThreadKind::Protocol => vec![COMMON, IMAGE_IO, EVENTS, EVENT_SETUP, PROTOCOL],
         ThreadKind::Worker => vec![COMMON, IMAGE_IO, EVENTS],
-        ThreadKind::Signal => vec![COMMON, IMAGE_IO, SIGNALS],
+        ThreadKind::Signal => vec![COMMON, IMAGE_IO, SIGNALS, NOTIFY],
         ThreadKind::Control => vec![COMMON, IMAGE_IO, EVENTS, EVENT_SETUP, CONTROL],
     }
 }
@@ -169,22 +176,28 @@ impl ThreadKind {
     }
 }
 
-/// Calls allowed only with some arguments (replacing their plain entry): no executable
-/// mappings (mmap / mprotect without PROT_EXEC).
-pub(crate) fn argument_rules(
-    kind: ThreadKind,
-) -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
-    let _ = kind;
-    let no_exec = || -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+/// Calls allowed only with some arguments (replacing their plain entry where the thread's list
+/// has them): no executable mappings (mmap / mprotect without PROT_EXEC), Unix sockets only.
+pub(crate) fn argument_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
+    let one = |arg: u8, op: SeccompCmpOp, value: u64| -> Result<Vec<SeccompRule>, _> {
         Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
-            2,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(u64::try_from(libc::PROT_EXEC).unwrap_or(4)),
-            0,
+            arg,
+            SeccompCmpArgLen::Dword,
+            op,
+            value,
         )?])?])
     };
+    let prot_exec = u64::try_from(libc::PROT_EXEC).unwrap_or(4);
+    let af_unix = u64::try_from(libc::AF_UNIX).unwrap_or(1);
     Ok(vec![
-        (libc::SYS_mmap, no_exec()?),
-        (libc::SYS_mprotect, no_exec()?),
+        (
+            libc::SYS_mmap,
+            one(2, SeccompCmpOp::MaskedEq(prot_exec), 0)?,
+        ),
+        (
+            libc::SYS_mprotect,
+            one(2, SeccompCmpOp::MaskedEq(prot_exec), 0)?,
+        ),
+        (libc::SYS_socket, one(0, SeccompCmpOp::Eq, af_unix)?),
     ])
 }

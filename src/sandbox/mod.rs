@@ -97,9 +97,11 @@ pub fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SandboxError>
         rules.insert(nr, Vec::new());
     }
     for (nr, rule) in
-        allowlist::argument_rules(kind).map_err(|e| build(seccompiler::Error::Backend(e)))?
+        allowlist::argument_rules().map_err(|e| build(seccompiler::Error::Backend(e)))?
     {
-        rules.insert(nr, rule);
+        if let Some(r) = rules.get_mut(&nr) {
+            *r = rule;
+        }
     }
     let arch = std::env::consts::ARCH
         .try_into()

@@ -115,3 +115,26 @@ fn mode_names_parse() {
     assert_eq!(Mode::from_name("kill"), Some(Mode::Kill));
     assert_eq!(Mode::from_name("on"), None);
 }
+
+fn unix_socket() {
+    // SAFETY: socket(2) with constant arguments; a failure would show as a negative fd.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe { libc::_exit(4) };
+    }
+}
+
+#[test]
+fn signal_thread_may_open_a_unix_socket_only() {
+    // systemd's STOPPING=1 goes out on a fresh AF_UNIX datagram socket.
+    let prog = compile(ThreadKind::Signal, Mode::Kill).expect("compile");
+    let st = in_child(&prog, unix_socket);
+    assert!(
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+        "status {st:#x}"
+    );
+    assert!(killed_by_sigsys(in_child(&prog, forbidden_socket)));
+    let worker = compile(ThreadKind::Worker, Mode::Kill).expect("compile");
+    assert!(killed_by_sigsys(in_child(&worker, unix_socket)));
+}
