@@ -118,3 +118,34 @@ fn write_luks1_seeds() {
         std::fs::write(dir.join(name), seed).expect("write");
     }
 }
+
+fn regression(target: &str, name: &str) -> Vec<u8> {
+    let p = corpus_dir("regressions", target).join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// An allocating write into the second half of a freshly allocated extended L2 table's span
+/// indexed past a table allocated with one word per entry (panic in the queue worker).
+#[test]
+fn regression_extended_l2_new_table_has_two_words_per_entry() {
+    super::qcow2_ops(&regression("qcow2_ops", "extended-l2-new-table-half-size"));
+}
+
+/// Refcounts that call the header, L1 and refcount block free: the allocating write must be
+/// refused (the image turns read-only) instead of putting guest data over the metadata.
+#[test]
+fn regression_allocation_over_metadata_is_refused() {
+    use crate::qcow2::{Qcow2, Qcow2Options};
+    use std::io::IoSlice;
+    let data = regression("qcow2_ops", "alloc-reuses-metadata-cluster");
+    let image = &data[..data.len() - super::OPS_TAIL];
+    let st = super::storage::CappedMem::new(image.to_vec());
+    let img = Qcow2::open(Box::new(st), &Qcow2Options::default(), None, None).expect("open");
+    let before = img.header().l1_table_offset;
+    let r = img.write(0x16_3400, &[IoSlice::new(&[0xc1; 512])]);
+    assert!(r.is_err(), "the write was placed on a metadata cluster");
+    assert!(img.read_only(), "the image is not marked corrupt");
+    assert_eq!(img.header().l1_table_offset, before);
+    // And the whole script runs without breaking the read-back oracle.
+    super::qcow2_ops(&data);
+}
