@@ -68,7 +68,7 @@ pub enum SandboxError {
         #[source]
         source: seccompiler::Error,
     },
-    #[error("the seccomp mode is already set")]
+    #[error("the seccomp mode is already set to another value")]
     AlreadyConfigured,
 }
 
@@ -79,9 +79,14 @@ thread_local! {
     static INSTALLED: Cell<Option<ThreadKind>> = const { Cell::new(None) };
 }
 
-/// Sets the process-wide mode; [`enter`] does nothing before this is called.
+/// Sets the process-wide mode; [`enter`] does nothing before this is called. Setting the same
+/// mode again is harmless; changing it is refused (threads may already run under the first).
 pub fn configure(mode: Mode) -> Result<(), SandboxError> {
-    MODE.set(mode).map_err(|_| SandboxError::AlreadyConfigured)
+    match MODE.set(mode) {
+        Ok(()) => Ok(()),
+        Err(_) if MODE.get() == Some(&mode) => Ok(()),
+        Err(_) => Err(SandboxError::AlreadyConfigured),
+    }
 }
 
 /// The configured mode ([`Mode::Off`] if none was set).
