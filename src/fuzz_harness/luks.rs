@@ -3,7 +3,7 @@
 use std::io::IoSliceMut;
 
 use super::storage::SparseTail;
-use crate::crypto::luks::header::{HEADER_LEN, NUM_KEY_SLOTS};
+use crate::crypto::luks::header::{DIGEST_LEN, HEADER_LEN, NUM_KEY_SLOTS, SALT_LEN};
 use crate::crypto::luks::{self, CreateParams, Iterations, LuksArea};
 use crate::crypto::secret::Passphrase;
 use crate::image::luks::LuksImage;
@@ -13,13 +13,15 @@ use crate::storage::MemStorage;
 /// The passphrase the target tries (the seeds are made with it).
 pub const LUKS_FUZZ_PASSPHRASE: &[u8] = b"fuzz";
 
-/// The target caps every PBKDF2 iteration count of the header at this (so one run stays in
-/// the milliseconds); seeds use exactly this count so that they still unlock.
-pub const LUKS_MAX_ITERATIONS: u32 = 1000;
+/// The target caps every PBKDF2 iteration count of the header at this (so one run stays well
+/// under a millisecond); seeds use exactly this count so that they still unlock.
+pub const LUKS_MAX_ITERATIONS: u32 = 16;
 
 /// The input is the start of a raw LUKS1 file; the rest of a file of this size reads as zeroes.
 const AREA_LEN: u64 = 4 << 20;
 
+const OFF_MK_DIGEST: usize = 112;
+const OFF_MK_SALT: usize = 132;
 const OFF_MK_ITERATIONS: usize = 164;
 const OFF_SLOTS: usize = 208;
 const SLOT_LEN: usize = 48;
@@ -55,22 +57,30 @@ pub fn luks1_unlock(data: &[u8]) {
     }
 }
 
-/// A seed for [`luks1_unlock`]: a LUKS1 area formatted with `params` (iterations forced to
-/// [`LUKS_MAX_ITERATIONS`]) and [`LUKS_FUZZ_PASSPHRASE`], without its trailing zeroes.
+/// A seed for [`luks1_unlock`]: a LUKS1 area formatted with `params` and
+/// [`LUKS_FUZZ_PASSPHRASE`], the keyslot and the master-key digest both at
+/// [`LUKS_MAX_ITERATIONS`] (below the formatter's 1000-iteration floor for the digest, so the
+/// digest is recomputed), without its trailing zeroes.
 pub fn luks1_seed(params: &CreateParams) -> luks::Result<Vec<u8>> {
     let params = CreateParams {
         iterations: Iterations::Fixed(LUKS_MAX_ITERATIONS),
         ..*params
     };
     let len = luks::create::area_len(&params.spec)?;
-    let st = MemStorage::new(vec![
-        0;
-        usize::try_from(len)
-            .map_err(|_| luks::header::HeaderError::Overflow)?
-    ]);
+    let len = usize::try_from(len).map_err(|_| luks::header::HeaderError::Overflow)?;
+    let st = MemStorage::new(vec![0; len]);
     let area = LuksArea::whole(&st)?;
-    luks::create::format(&area, &params, &Passphrase::new(LUKS_FUZZ_PASSPHRASE))?;
+    let vol = luks::create::format(&area, &params, &Passphrase::new(LUKS_FUZZ_PASSPHRASE))?;
     let mut b = st.contents();
+    let mut digest = [0u8; DIGEST_LEN];
+    vol.hash().pbkdf2(
+        vol.master_key().expose(),
+        &b[OFF_MK_SALT..OFF_MK_SALT + SALT_LEN],
+        LUKS_MAX_ITERATIONS,
+        &mut digest,
+    )?;
+    b[OFF_MK_DIGEST..OFF_MK_DIGEST + DIGEST_LEN].copy_from_slice(&digest);
+    b[OFF_MK_ITERATIONS..OFF_MK_ITERATIONS + 4].copy_from_slice(&LUKS_MAX_ITERATIONS.to_be_bytes());
     let end = b.iter().rposition(|&x| x != 0).map_or(0, |p| p + 1);
     b.truncate(end);
     Ok(b)

@@ -113,7 +113,11 @@ fn write_luks1_seeds() {
             iterations: Iterations::Fixed(super::LUKS_MAX_ITERATIONS),
         };
         let seed = super::luks1_seed(&params).expect("seed");
-        // The seed unlocks: the target reaches the data path.
+        // The seed unlocks with the passphrase the target tries.
+        let st = crate::storage::MemStorage::new(seed.clone());
+        let area = crate::crypto::luks::LuksArea::whole(&st).expect("area");
+        let pass = crate::crypto::secret::Passphrase::new(super::LUKS_FUZZ_PASSPHRASE);
+        crate::crypto::luks::LuksVolume::unlock(&area, &pass).expect("seed unlocks");
         super::luks1_unlock(&seed);
         std::fs::write(dir.join(name), seed).expect("write");
     }
