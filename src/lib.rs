@@ -7,6 +7,7 @@ pub mod crypto;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod image;
+pub mod lock;
 pub mod qcow2;
 pub mod sandbox;
 pub mod storage;

@@ -4,7 +4,7 @@ use clap::Parser;
 use vhost_user_qcow2::cli;
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    cli::log_filter::init();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => std::process::exit(code),

@@ -30,24 +30,25 @@ fn qemu_json(args: &[&str]) -> (Value, i32) {
     (v, out.status.code().unwrap_or(-1))
 }
 
+/// Runs `cmd` with sh -e in `dir`; its stdout. Panics (with stderr) if it fails.
+fn sh_in(dir: &Path, cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 fn create_args(file: PathBuf, size: Option<&str>) -> CreateArgs {
-    CreateArgs {
-        format: CreateFormat::Qcow2,
-        cluster_size: "64k".into(),
-        backing: None,
-        backing_format: None,
-        preallocation: PreallocArg::Off,
-        compat: "1.1".into(),
-        refcount_bits: 16,
-        encrypt: Default::default(),
-        options: Vec::new(),
-        objects: Vec::new(),
-        lazy_refcounts: false,
-        extended_l2: false,
-        compression_type: 0,
-        file,
-        size: size.map(str::to_string),
-    }
+    CreateArgs::new(CreateFormat::Qcow2, file, size.map(str::to_string))
 }
 
 fn our_info(file: &Path) -> Value {
@@ -267,14 +268,7 @@ fn map_output_equals_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let sh = |cmd: &str| {
-        let st = Command::new("sh")
-            .arg("-ec")
-            .arg(cmd)
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("sh");
-        assert!(st.success(), "{cmd}");
+        sh_in(d, cmd);
     };
     sh("printf secret > pw");
     sh("qemu-img create -q -f qcow2 base.qcow2 4M && qemu-io -c 'write -P 1 0 64k' -c 'write -c -P 2 128k 64k' -c 'write -z 256k 64k' base.qcow2");
@@ -363,14 +357,7 @@ fn compare_equals_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let sh = |cmd: &str| {
-        let st = Command::new("sh")
-            .arg("-ec")
-            .arg(cmd)
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("sh");
-        assert!(st.success(), "{cmd}");
+        sh_in(d, cmd);
     };
     let both = |args: &[&str], strict_status: bool| {
         let q = Command::new("qemu-img")
@@ -484,36 +471,20 @@ fn info_backing_chain_and_check_format() {
     let human = String::from_utf8(run(common::BIN, &["info", "--backing-chain", "t.qcow2"]).stdout)
         .expect("utf-8");
     assert_eq!(human.matches("image: ").count(), 3, "{human}");
-    assert_eq!(
-        run(common::BIN, &["check", "-f", "raw", "t.qcow2"])
-            .status
-            .code(),
-        Some(63)
-    );
-    assert_eq!(
-        run("qemu-img", &["check", "-f", "raw", "t.qcow2"])
-            .status
-            .code(),
-        Some(63)
-    );
-    assert_eq!(
-        run(common::BIN, &["check", "-f", "qcow2", "b.raw"])
-            .status
-            .code(),
-        Some(1)
-    );
-    assert_eq!(
-        run("qemu-img", &["check", "-f", "qcow2", "b.raw"])
-            .status
-            .code(),
-        Some(1)
-    );
-    assert_eq!(
-        run(common::BIN, &["check", "-f", "qcow2", "t.qcow2"])
-            .status
-            .code(),
-        Some(0)
-    );
+    // The same exit code from both programs for each case.
+    for (args, code) in [
+        (["check", "-f", "raw", "t.qcow2"], 63),
+        (["check", "-f", "qcow2", "b.raw"], 1),
+        (["check", "-f", "qcow2", "t.qcow2"], 0),
+    ] {
+        for prog in [common::BIN, "qemu-img"] {
+            assert_eq!(
+                run(prog, &args).status.code(),
+                Some(code),
+                "{prog} {args:?}"
+            );
+        }
+    }
 }
 
 /// `create -o` as qemu-img spells it: the images we make with each option set open in qemu-img
@@ -641,20 +612,7 @@ fn convert_output_compares_equal_in_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     std::fs::write(d.join("pw"), "secret").expect("pw");
-    let sh = |cmd: &str| {
-        let out = Command::new("sh")
-            .arg("-ec")
-            .arg(cmd)
-            .current_dir(d)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    };
+    let sh = |cmd: &str| sh_in(d, cmd);
     sh(
         "qemu-img create -q -f qcow2 src.qcow2 64M && head -c 262144 /dev/urandom > rnd && \
         qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 10M 64k' -c 'write -c -P 3 30M 64k' \
@@ -740,20 +698,7 @@ fn measure_equals_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     std::fs::write(d.join("pw"), "secret").expect("pw");
-    let sh = |cmd: &str| {
-        let out = Command::new("sh")
-            .arg("-ec")
-            .arg(cmd)
-            .current_dir(d)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    };
+    let sh = |cmd: &str| sh_in(d, cmd);
     sh("qemu-img create -q -f qcow2 s.qcow2 64M && qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 10M 64k' \
         -c 'write -c -P 3 30M 64k' -c 'write -z 31M 64k' -c 'write -P 4 40M 1k' s.qcow2 && \
         qemu-img create -q -f qcow2 -b s.qcow2 -F qcow2 o.qcow2 && qemu-io -c 'write -P 5 50M 64k' o.qcow2 && \
@@ -793,21 +738,7 @@ fn measure_equals_qemu_img() {
 fn snapshots_interoperate_with_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let sh = |cmd: &str| {
-        let out = Command::new("sh")
-            .arg("-ec")
-            .arg(cmd)
-            .current_dir(d)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{cmd}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    };
+    let sh = |cmd: &str| sh_in(d, cmd);
     let bin = common::BIN;
     let clean = |f: &str| {
         let out = sh(&format!("qemu-img check {f}"));
@@ -871,20 +802,7 @@ fn snapshots_interoperate_with_qemu_img() {
 fn rebase_matches_qemu_img() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let sh = |cmd: &str| {
-        let out = Command::new("sh")
-            .arg("-ec")
-            .arg(cmd)
-            .current_dir(d)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    };
+    let sh = |cmd: &str| sh_in(d, cmd);
     let bin = common::BIN;
     sh("qemu-img create -q -f qcow2 base.qcow2 8M && qemu-io -c 'write -P 1 0 1M' -c 'write -P 2 4M 64k' base.qcow2 && \
         qemu-img create -q -f qcow2 new.qcow2 8M && qemu-io -c 'write -P 1 0 512k' -c 'write -P 9 6M 64k' new.qcow2 && \
@@ -920,4 +838,55 @@ fn rebase_matches_qemu_img() {
         .expect("rebase");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("backing format must be specified"));
+}
+
+/// The tools lock as qemu-img does: while the daemon serves an image, `snapshot -c`, `rebase`
+/// and a locking `compare` are refused, and `snapshot -l -U` / `compare -U` still read it.
+#[test]
+fn tools_respect_the_serving_daemons_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    sh_in(
+        d,
+        "qemu-img create -q -f qcow2 s.qcow2 8M && qemu-img create -q -f qcow2 o.qcow2 8M",
+    );
+    let sock = d.join("s.sock");
+    let mut daemon = common::spawn_serve(&sock, &d.join("s.qcow2"), &[]);
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 20, "daemon did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let run = |args: &[&str]| {
+        Command::new(common::BIN)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("run")
+    };
+    for args in [
+        &["snapshot", "-c", "x", "s.qcow2"][..],
+        &["snapshot", "-l", "s.qcow2"],
+        &["rebase", "-u", "-b", "o.qcow2", "-F", "qcow2", "s.qcow2"],
+        &["compare", "s.qcow2", "o.qcow2"],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?} was not refused");
+        assert!(err.contains("lock"), "{args:?}: {err}");
+    }
+    assert_eq!(
+        run(&["snapshot", "-l", "-U", "s.qcow2"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        run(&["compare", "-U", "s.qcow2", "o.qcow2"]).status.code(),
+        Some(0)
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(
+        run(&["snapshot", "-c", "x", "s.qcow2"]).status.code(),
+        Some(0)
+    );
 }

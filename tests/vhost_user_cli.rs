@@ -67,12 +67,15 @@ fn unwritable_socket_path_exits_1() {
 #[test]
 fn socket_in_use_exits_1_and_the_first_daemon_keeps_its_socket() {
     let d = Daemon::start(1 << 20, &[]);
+    // Another image: the same one would be refused earlier, by its lock.
+    let other = d.dir.path().join("other.img");
+    std::fs::write(&other, vec![0u8; 1 << 20]).expect("other image");
     let out = Command::new(BIN)
         .arg("serve")
         .arg("--socket-path")
         .arg(&d.sock)
         .arg("--image")
-        .arg(&d.image)
+        .arg(&other)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));

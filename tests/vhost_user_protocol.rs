@@ -346,3 +346,43 @@ fn writes_to_a_read_only_export_get_ioerr() {
     let file = std::fs::read(&d.image).expect("image");
     assert_eq!(&file[1024..1536], &[2u8; 512][..]);
 }
+
+/// A guest that keeps publishing a bogus available index makes virtio-queue log an error per
+/// kick; those lines go through the daemon's log rate limiter (at most 10 per second).
+#[test]
+fn malformed_avail_index_floods_are_rate_limited_in_the_log() {
+    let d = Daemon::start(1 << 20, &["--queue-size", "16"]);
+    let mut vq = Vq::connect(&d);
+    assert_eq!(vq.read_ok(1), vec![1u8; 512]);
+    // An available index far ahead of the used index: more entries than the queue holds.
+    vq.mem
+        .write(AVAIL + 2, &(vq.avail_idx.wrapping_add(1000)).to_le_bytes());
+    fence(Ordering::SeqCst);
+    let t = Instant::now();
+    for _ in 0..300 {
+        vq.kick.write(1).expect("kick");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // The kicks span at most this many one-second windows.
+    let secs = usize::try_from(t.elapsed().as_secs()).expect("small") + 2;
+    std::thread::sleep(Duration::from_millis(200));
+    let log = std::fs::read_to_string(d.dir.path().join("daemon.log")).expect("log");
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("virtio_queue") && !l.contains("suppressed"))
+        .count();
+    let suppressed: usize = log
+        .lines()
+        .filter(|l| l.contains("from virtio_queue suppressed"))
+        .filter_map(|l| l.split_whitespace().rev().nth(4)?.parse::<usize>().ok())
+        .sum();
+    assert!(
+        lines >= 1,
+        "virtio-queue logged nothing: the test did not reach it"
+    );
+    assert!(
+        lines <= 10 * secs,
+        "{lines} virtio-queue log lines in about {secs} s"
+    );
+    eprintln!("{lines} lines logged, {suppressed} suppressed");
+}

@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::check::{check_with_progress, CheckResult, Repair};
-use crate::storage::{FileStorage, OpenFlags};
 
 /// What `--repair` fixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,13 +74,15 @@ pub fn exit_code(r: &CheckResult) -> i32 {
 
 /// Runs `check`; returns the exit code.
 pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
-    let st = FileStorage::open(
-        &args.file,
-        OpenFlags {
-            read_only: args.repair.is_none(),
-            direct: false,
-        },
-    )?;
+    // A repair writes: it takes QEMU's write lock (refused while a VM or daemon uses the image);
+    // a plain check reads without locking, as `qemu-img check -U`.
+    let read_only = args.repair.is_none();
+    let locking = if read_only {
+        image::Locking::Off
+    } else {
+        image::Locking::On
+    };
+    let (st, _lock) = image::open_file_locked(&args.file, read_only, locking)?;
     let format = match args.format.as_deref() {
         None => image::detect_format(&st)?,
         Some(f) => Format::from_name(f)

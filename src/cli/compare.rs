@@ -17,7 +17,7 @@ use super::keyslot::KeyArgs;
 use super::map::{self, MapEntry};
 use super::tools::ToolError;
 use crate::crypto::secret::Passphrase;
-use crate::image::{self, BlockImage, Format, OpenOptions};
+use crate::image::{BlockImage, Format, OpenOptions};
 
 /// Arguments of `compare`.
 #[derive(Debug, Clone, clap::Args)]
@@ -34,6 +34,9 @@ pub struct CompareArgs {
     /// Quiet: no messages, only the exit code.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Share the images with writers (no lock), as qemu-img's -U.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Passphrase for encrypted images (both images, if both are encrypted).
     #[command(flatten)]
     pub key: KeyArgs,
@@ -73,28 +76,16 @@ fn format_of(f: Option<&str>) -> Result<Option<Format>, ToolError> {
 fn open(
     path: &Path,
     format: Option<Format>,
-    key: &KeyArgs,
+    args: &CompareArgs,
     secret: &mut Option<Passphrase>,
-) -> Result<Box<dyn BlockImage>, ToolError> {
+) -> Result<(Box<dyn BlockImage>, crate::lock::LockSet), ToolError> {
     let opts = OpenOptions {
         read_only: true,
         format,
+        locking: super::tools::read_locking(args.force_share),
         ..Default::default()
     };
-    match image::open_with_secret(path, &opts, secret.as_ref()) {
-        Err(image::ImageError::NeedKey(_))
-        | Err(image::ImageError::Qcow2(crate::qcow2::Error::NeedKey(_)))
-            if secret.is_none() =>
-        {
-            let p = key
-                .source()
-                .read(&format!("Passphrase for {}: ", path.display()), false)
-                .map_err(|_| ToolError::BadArgument("cannot read the passphrase"))?;
-            *secret = Some(p);
-            Ok(image::open_with_secret(path, &opts, secret.as_ref())?)
-        }
-        r => Ok(r?),
-    }
+    super::tools::open_image(path, &opts, &args.key, secret)
 }
 
 /// Index of the first 512-byte sector in which `a` and `b` differ.
@@ -127,8 +118,8 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome, ToolError> {
     let f1 = format_of(args.format1.as_deref())?;
     let f2 = format_of(args.format2.as_deref())?;
     let mut secret = None;
-    let a = open(&args.file1, f1, &args.key, &mut secret)?;
-    let b = open(&args.file2, f2, &args.key, &mut secret)?;
+    let (a, _locks1) = open(&args.file1, f1, args, &mut secret)?;
+    let (b, _locks2) = open(&args.file2, f2, args, &mut secret)?;
     let (s1, s2) = (a.capacity(), b.capacity());
     let size_mismatch = s1 != s2;
     if size_mismatch && args.strict {

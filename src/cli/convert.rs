@@ -15,7 +15,7 @@
 use std::io::{IoSlice, IoSliceMut, IsTerminal, Write};
 use std::path::PathBuf;
 
-use super::create::{CreateArgs, CreateFormat, PreallocArg};
+use super::create::{CreateArgs, CreateFormat};
 use super::keyslot::KeyArgs;
 use super::tools::ToolError;
 use crate::crypto::secret::Passphrase;
@@ -36,6 +36,9 @@ pub struct ConvertArgs {
     /// Show progress on a terminal.
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Share the source with writers (no lock), as qemu-img's -U.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Target format options, as `create -o`.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
@@ -54,7 +57,9 @@ const SPARSE: usize = 4096;
 /// Bytes read per step.
 const CHUNK: u64 = 2 << 20;
 
-fn open_source(args: &ConvertArgs) -> Result<Box<dyn BlockImage>, ToolError> {
+fn open_source(
+    args: &ConvertArgs,
+) -> Result<(Box<dyn BlockImage>, crate::lock::LockSet), ToolError> {
     let format = args
         .format
         .as_deref()
@@ -63,23 +68,10 @@ fn open_source(args: &ConvertArgs) -> Result<Box<dyn BlockImage>, ToolError> {
     let opts = OpenOptions {
         read_only: true,
         format,
+        locking: super::tools::read_locking(args.force_share),
         ..Default::default()
     };
-    match image::open_with_secret(&args.source, &opts, None) {
-        Err(image::ImageError::NeedKey(_))
-        | Err(image::ImageError::Qcow2(crate::qcow2::Error::NeedKey(_))) => {
-            let p: Passphrase = args
-                .key
-                .source()
-                .read(
-                    &format!("Passphrase for {}: ", args.source.display()),
-                    false,
-                )
-                .map_err(|_| ToolError::BadArgument("cannot read the source passphrase"))?;
-            Ok(image::open_with_secret(&args.source, &opts, Some(&p))?)
-        }
-        r => Ok(r?),
-    }
+    super::tools::open_image(&args.source, &opts, &args.key, &mut None)
 }
 
 /// The `create` arguments for the target.
@@ -94,23 +86,9 @@ fn target_args(args: &ConvertArgs, size: u64) -> Result<CreateArgs, ToolError> {
             ))
         }
     };
-    let c = CreateArgs {
-        format,
-        cluster_size: "64k".into(),
-        backing: None,
-        backing_format: None,
-        preallocation: PreallocArg::Off,
-        compat: "1.1".into(),
-        refcount_bits: 16,
-        encrypt: Default::default(),
-        options: args.options.clone(),
-        objects: args.objects.clone(),
-        lazy_refcounts: false,
-        extended_l2: false,
-        compression_type: 0,
-        file: args.target.clone(),
-        size: Some(size.to_string()),
-    };
+    let mut c = CreateArgs::new(format, args.target.clone(), Some(size.to_string()));
+    c.options.clone_from(&args.options);
+    c.objects.clone_from(&args.objects);
     let c = super::create_opts::apply(&c)?;
     if c.backing.is_some() {
         return Err(ToolError::BadArgument(
@@ -169,7 +147,7 @@ impl Progress {
 
 /// Runs `convert`.
 pub fn run(args: &ConvertArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
-    let src = open_source(args)?;
+    let (src, _source_locks) = open_source(args)?;
     let size = src.capacity();
     let create = target_args(args, size)?;
     if args.compress {

@@ -77,6 +77,30 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
+impl CreateArgs {
+    /// The arguments `create FILE SIZE` would have, every option at its default (for commands
+    /// that create an image on the way, such as convert and measure).
+    pub fn new(format: CreateFormat, file: PathBuf, size: Option<String>) -> Self {
+        Self {
+            format,
+            cluster_size: "64k".into(),
+            backing: None,
+            backing_format: None,
+            preallocation: PreallocArg::Off,
+            compat: "1.1".into(),
+            refcount_bits: 16,
+            encrypt: Default::default(),
+            options: Vec::new(),
+            objects: Vec::new(),
+            lazy_refcounts: false,
+            extended_l2: false,
+            compression_type: 0,
+            file,
+            size,
+        }
+    }
+}
+
 /// Runs `create`; returns the exit code.
 pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let args = &super::create_opts::apply(args)?;

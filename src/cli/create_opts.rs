@@ -1,5 +1,5 @@
 //! `create -o key=value,…` as qemu-img spells it, and `--object secret,id=ID,file=F`, folded into
-//! the long options of [`CreateArgs`](super::create::CreateArgs) before the image is made.
+//! the long options of [`CreateArgs`] before the image is made.
 //!
 //! Accepted keys (qcow2): `size`, `backing_file`, `backing_fmt`, `cluster_size`, `compat`
 //! (`0.10`/`v2`, `1.1`/`v3`), `lazy_refcounts`, `refcount_bits`, `extended_l2`,

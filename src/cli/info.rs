@@ -9,7 +9,6 @@ use serde_json::{json, Map, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::Header;
-use crate::storage::{FileStorage, OpenFlags};
 
 /// Arguments of `info`.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,13 +28,7 @@ pub struct InfoArgs {
 
 /// The facts `qemu-img info --output=json` reports, under its field names.
 pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError> {
-    let st = FileStorage::open(
-        path,
-        OpenFlags {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let st = super::tools::open_read_only(path)?;
     let format = match format {
         Some(f) => f,
         None => image::detect_format(&st)?,
@@ -129,7 +122,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                 "format-specific".into(),
                 json!({"type": "qcow2", "data": Value::Object(data)}),
             );
-            let snaps = crate::qcow2::snapshot::read_table(&st, &h)?;
+            let snaps = crate::qcow2::snapshot_ops::read_table(&st, &h)?;
             if !snaps.is_empty() {
                 v.insert("snapshots".into(), super::snapshot::info_json(&snaps));
             }
@@ -253,7 +246,7 @@ fn write_human(path: &Path, v: &Value, out: &mut dyn Write) -> Result<(), ToolEr
         for j in snaps {
             let n = |k: &str| j.get(k).and_then(Value::as_u64).unwrap_or(0);
             let t = |k: &str| j.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-            let sn = crate::qcow2::snapshot::Snapshot {
+            let sn = crate::qcow2::snapshot_ops::Snapshot {
                 l1_offset: 0,
                 l1_size: 0,
                 id: t("id"),

@@ -44,6 +44,12 @@ pub enum KeyslotError {
     NotLuks { path: String, method: u32 },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
+    #[error("cannot open {path} for writing")]
+    Locked {
+        path: String,
+        #[source]
+        source: crate::image::ImageError,
+    },
 }
 
 /// Where the passphrase that unlocks an existing slot comes from.
@@ -132,6 +138,18 @@ fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotErro
     .map_err(|source| KeyslotError::Open {
         path: path.display().to_string(),
         source,
+    })
+}
+
+/// Opens `path` for writing with QEMU's write lock (refused while the image is in use).
+fn open_storage_locked(
+    path: &Path,
+) -> Result<(FileStorage, Option<crate::lock::ImageLock>), KeyslotError> {
+    crate::image::open_file_locked(path, false, crate::image::Locking::On).map_err(|source| {
+        KeyslotError::Locked {
+            path: path.display().to_string(),
+            source,
+        }
     })
 }
 
@@ -284,7 +302,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             new_key,
             iter_time,
         } => {
-            let st = open_storage(&file, false)?;
+            let (st, _lock) = open_storage_locked(&file)?;
             let area = luks_area(&st, &file)?;
             let pass = key
                 .source()
@@ -300,7 +318,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             writeln!(out, "added keyslot {slot}").map_err(KeyslotError::Output)?;
         }
         KeyslotCommand::Remove { file, key, slot } => {
-            let st = open_storage(&file, false)?;
+            let (st, _lock) = open_storage_locked(&file)?;
             let area = luks_area(&st, &file)?;
             let pass = key.source().read("Passphrase: ", false)?;
             let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::{self, BackingRead, ClusterCrypt, CryptError, Mapping, Qcow2, Qcow2Options};
-use crate::storage::{FileStorage, MemStorage, OpenFlags, Storage};
+use crate::storage::{MemStorage, Storage};
 
 /// Arguments of `map`.
 #[derive(Debug, Clone, clap::Args)]
@@ -141,13 +141,7 @@ fn open_layers(path: &Path, format: Option<Format>) -> Result<Vec<Layer>, ToolEr
         }
         seen.push(canon);
         let name = path.display().to_string();
-        let st = FileStorage::open(
-            &path,
-            OpenFlags {
-                read_only: true,
-                direct: false,
-            },
-        )?;
+        let st = super::tools::open_read_only(&path)?;
         let format = match format {
             Some(f) => f,
             None => image::detect_format(&st)?,

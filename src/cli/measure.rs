@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use super::create::{CreateArgs, CreateFormat, PreallocArg};
 use super::tools::{parse_size, OutputFormat, ToolError};
 use crate::image::{self, Format};
-use crate::storage::{FileStorage, OpenFlags};
 
 /// Arguments of `measure`.
 #[derive(Debug, Clone, clap::Args)]
@@ -82,13 +81,7 @@ fn prealloc_size(total: u64, cs: u64, refcount_order: u32, extended_l2: bool) ->
 
 /// QEMU's `qcow2_get_persistent_dirty_bitmap_size` for a qcow2 source (None: no bitmap support).
 fn bitmaps_size(path: &std::path::Path, cs: u64) -> Result<Option<u64>, ToolError> {
-    let st = FileStorage::open(
-        path,
-        OpenFlags {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let st = super::tools::open_read_only(path)?;
     let h = crate::qcow2::Header::read(&st)?;
     if h.version < 3 {
         return Ok(None);
@@ -132,23 +125,10 @@ pub fn measure(args: &MeasureArgs) -> Result<Measure, ToolError> {
         "qcow2" => CreateFormat::Qcow2,
         _ => return Err(ToolError::BadArgument("target format must be raw or qcow2")),
     };
-    let c = super::create_opts::apply(&CreateArgs {
-        format,
-        cluster_size: "64k".into(),
-        backing: None,
-        backing_format: None,
-        preallocation: PreallocArg::Off,
-        compat: "1.1".into(),
-        refcount_bits: 16,
-        encrypt: Default::default(),
-        options: args.options.clone(),
-        objects: args.objects.clone(),
-        lazy_refcounts: false,
-        extended_l2: false,
-        compression_type: 0,
-        file: PathBuf::new(),
-        size: None,
-    })?;
+    let mut c = CreateArgs::new(format, PathBuf::new(), None);
+    c.options.clone_from(&args.options);
+    c.objects.clone_from(&args.objects);
+    let c = super::create_opts::apply(&c)?;
     let src_format = args
         .format
         .as_deref()
@@ -222,13 +202,7 @@ pub fn measure(args: &MeasureArgs) -> Result<Measure, ToolError> {
         );
     let bitmaps = match (&args.source, src_format) {
         (Some(s), _) if c.compat == "1.1" => {
-            let st = FileStorage::open(
-                s,
-                OpenFlags {
-                    read_only: true,
-                    direct: false,
-                },
-            )?;
+            let st = super::tools::open_read_only(s)?;
             let f = match src_format {
                 Some(f) => f,
                 None => image::detect_format(&st)?,

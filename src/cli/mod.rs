@@ -6,6 +6,7 @@
 use clap::{Parser, Subcommand};
 use thiserror::Error;
 
+pub mod access;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -15,11 +16,13 @@ pub mod encrypt;
 pub mod generate;
 pub mod info;
 pub mod keyslot;
+pub mod log_filter;
 pub mod map;
 pub mod measure;
 pub mod rebase;
 pub mod serve;
 pub mod snapshot;
+pub mod socket;
 pub mod systemd;
 pub mod tools;
 

@@ -14,8 +14,7 @@ use std::path::PathBuf;
 
 use super::keyslot::KeyArgs;
 use super::tools::ToolError;
-use crate::crypto::secret::Passphrase;
-use crate::image::{self, BlockImage, Format, OpenOptions};
+use crate::image::{self, BlockImage, Format, Locking, OpenOptions};
 use crate::qcow2::header::{build_header_cluster, Header, EXT_BACKING_FORMAT};
 use crate::storage::{FileStorage, OpenFlags, Storage};
 
@@ -45,18 +44,8 @@ fn open_with_key(
     path: &std::path::Path,
     opts: &OpenOptions,
     key: &KeyArgs,
-) -> Result<Box<dyn BlockImage>, ToolError> {
-    match image::open_with_secret(path, opts, None) {
-        Err(image::ImageError::NeedKey(_))
-        | Err(image::ImageError::Qcow2(crate::qcow2::Error::NeedKey(_))) => {
-            let p: Passphrase = key
-                .source()
-                .read(&format!("Passphrase for {}: ", path.display()), false)
-                .map_err(|_| ToolError::BadArgument("cannot read the passphrase"))?;
-            Ok(image::open_with_secret(path, opts, Some(&p))?)
-        }
-        r => Ok(r?),
-    }
+) -> Result<(Box<dyn BlockImage>, crate::lock::LockSet), ToolError> {
+    super::tools::open_image(path, opts, key, &mut None)
 }
 
 /// Rewrites the header cluster with `backing` (and its format) named instead of the old one.
@@ -101,13 +90,7 @@ fn write_header(
 /// Runs `rebase`.
 pub fn run(args: &RebaseArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
     {
-        let st = FileStorage::open(
-            &args.file,
-            OpenFlags {
-                read_only: true,
-                direct: false,
-            },
-        )?;
+        let st = super::tools::open_read_only(&args.file)?;
         if image::detect_format(&st)? != Format::Qcow2 {
             return Err(ToolError::BadArgument("rebase needs a qcow2 image"));
         }
@@ -128,12 +111,20 @@ pub fn run(args: &RebaseArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
         }
         _ => {}
     }
-    if !args.unsafe_mode {
-        let top = open_with_key(
+    // The image is written: QEMU's write lock on it (and read locks on its chains) until the
+    // header names the new backing file.
+    let (_write_lock, _locks);
+    if args.unsafe_mode {
+        _write_lock = image::open_file_locked(&args.file, false, Locking::On)?.1;
+        _locks = None;
+    } else {
+        _write_lock = None;
+        let (top, top_locks) = open_with_key(
             &args.file,
             &OpenOptions {
                 read_only: false,
                 format: Some(Format::Qcow2),
+                locking: Locking::On,
                 ..Default::default()
             },
             &args.key,
@@ -144,13 +135,15 @@ pub fn run(args: &RebaseArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
                 &OpenOptions {
                     read_only: true,
                     format: new_fmt,
+                    locking: Locking::On,
                     ..Default::default()
                 },
                 &args.key,
             )?),
             None => None,
         };
-        copy_differences(args, top.as_ref(), newb.as_deref())?;
+        copy_differences(args, top.as_ref(), newb.as_ref().map(|(b, _)| b.as_ref()))?;
+        _locks = Some(top_locks);
     }
     write_header(&args.file, new, args.backing_format.as_deref())?;
     Ok(0)
@@ -165,13 +158,7 @@ fn copy_differences(
 ) -> Result<(), ToolError> {
     let size = top.capacity();
     let map = super::map::map_entries(&args.file, Some(Format::Qcow2), 0, None)?;
-    let st = FileStorage::open(
-        &args.file,
-        OpenFlags {
-            read_only: true,
-            direct: false,
-        },
-    )?;
+    let st = super::tools::open_read_only(&args.file)?;
     let cs = Header::read(&st)?.cluster_size();
     drop(st);
     let step = cs.max(64 << 10);

@@ -7,9 +7,8 @@
 use std::fs;
 use std::io;
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
@@ -37,8 +36,8 @@ pub struct ServeArgs {
         required_unless_present = "print_capabilities"
     )]
     pub image: Option<PathBuf>,
-    /// Image format: raw, qcow2 or luks (default: detect from the magic; give `raw` for a raw
-    /// image a guest could have written a qcow2 or LUKS header into).
+    /// Image format: raw, qcow2 or luks (default: detect from the magic; a detected raw image
+    /// then refuses guest writes that would make it detect as qcow2 or LUKS, as QEMU does).
     #[arg(long, value_name = "FORMAT")]
     pub format: Option<String>,
     /// Whether a qcow2 image may open its backing files (as QEMU does by default).
@@ -73,6 +72,12 @@ pub struct ServeArgs {
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
     pub key: super::keyslot::KeyArgs,
+    /// Data file consent and locking.
+    #[command(flatten)]
+    pub access: super::access::AccessArgs,
+    /// Socket mode and group.
+    #[command(flatten)]
+    pub socket: super::socket::SocketArgs,
     /// System-call filter on every thread (docs/sandbox.md): `kill` the process on a call
     /// outside the thread's allowlist, `log` it (kernel audit log) and allow it, or `off`.
     #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["off", "log", "kill"])]
@@ -182,6 +187,8 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         direct: args.direct,
         format,
         backing,
+        data_file: args.access.data_file.clone(),
+        locking: args.access.share.locking(),
     };
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
@@ -212,7 +219,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     let systemd_fd = super::systemd::listen_fd().map_err(ServeError::SocketActivation)?;
     let (listener, guard) = match (&args.socket_path, args.fd.or(systemd_fd)) {
         (Some(path), _) => {
-            let l = listen(path)?;
+            let l = super::socket::listen(path, &args.socket)?;
             (l, SocketGuard(Some(path.clone())))
         }
         (None, Some(fd)) => (inherited_listener(fd)?, SocketGuard(None)),
@@ -249,33 +256,6 @@ impl Drop for SocketGuard {
         if let Some(p) = &self.0 {
             let _ = fs::remove_file(p);
         }
-    }
-}
-
-/// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
-fn listen(path: &Path) -> Result<UnixListener, ServeError> {
-    let listen_err = |source| ServeError::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let meta = fs::symlink_metadata(path).map_err(listen_err)?;
-            if !meta.file_type().is_socket() {
-                return Err(ServeError::NotASocket(path.to_owned()));
-            }
-            match UnixStream::connect(path) {
-                Ok(_) => Err(ServeError::SocketInUse(path.to_owned())),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    log::info!("removing stale socket {}", path.display());
-                    fs::remove_file(path).map_err(listen_err)?;
-                    UnixListener::bind(path).map_err(listen_err)
-                }
-                Err(e) => Err(listen_err(e)),
-            }
-        }
-        Err(e) => Err(listen_err(e)),
     }
 }
 

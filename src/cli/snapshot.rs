@@ -5,8 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use super::tools::ToolError;
-use crate::qcow2::snapshot::{self, Snapshot};
-use crate::storage::{FileStorage, OpenFlags};
+use crate::qcow2::snapshot_ops::{self as ops, Snapshot};
 
 /// Arguments of `snapshot`.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,6 +26,9 @@ pub struct SnapshotArgs {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// With -l: share the image with writers (no lock), as qemu-img's -U.
+    #[arg(short = 'U', long = "force-share", requires = "list")]
+    pub force_share: bool,
     /// The qcow2 image.
     pub file: PathBuf,
 }
@@ -138,18 +140,18 @@ pub fn info_json(snaps: &[Snapshot]) -> serde_json::Value {
 /// Runs `snapshot`.
 pub fn run(args: &SnapshotArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let read_only = args.list;
-    let st = FileStorage::open(
-        &args.file,
-        OpenFlags {
-            read_only,
-            direct: false,
-        },
-    )?;
+    // QEMU's locks: a shared read lock to list (none with -U), the write lock to change.
+    let locking = if read_only {
+        super::tools::read_locking(args.force_share)
+    } else {
+        crate::image::Locking::On
+    };
+    let (st, _lock) = crate::image::open_file_locked(&args.file, read_only, locking)?;
     if !crate::qcow2::is_qcow2(&st)? {
         return Err(ToolError::BadArgument("snapshots need a qcow2 image"));
     }
     if args.list {
-        let snaps = snapshot::list(&st)?;
+        let snaps = ops::list(&st)?;
         if snaps.is_empty() {
             return Ok(0);
         }
@@ -165,11 +167,11 @@ pub fn run(args: &SnapshotArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
         let sec = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
         // qemu-img keeps microseconds.
         let nsec = now.subsec_micros() * 1000;
-        snapshot::create(&st, name, (sec, nsec))?;
+        ops::create(&st, name, (sec, nsec))?;
     } else if let Some(name) = &args.apply {
-        snapshot::apply(&st, name)?;
+        ops::apply(&st, name)?;
     } else if let Some(name) = &args.delete {
-        snapshot::delete(&st, name)?;
+        ops::delete(&st, name)?;
     }
     Ok(0)
 }

@@ -31,6 +31,52 @@ pub enum ToolError {
     Encrypt(#[from] super::encrypt::EncryptArgsError),
 }
 
+/// Opens a file read-only through the page cache.
+pub fn open_read_only(path: &std::path::Path) -> Result<crate::storage::FileStorage, ToolError> {
+    Ok(crate::storage::FileStorage::open(
+        path,
+        crate::storage::OpenFlags {
+            read_only: true,
+            direct: false,
+        },
+    )?)
+}
+
+/// Opens an image with `opts` and takes QEMU's locks on its files as `opts.locking` says (held
+/// until the returned [`crate::lock::LockSet`] is dropped); if it turns out to be encrypted,
+/// reads the passphrase from `key` (file, fd or prompt) once, keeps it in `secret` for the next
+/// image, and opens it again.
+pub fn open_image(
+    path: &std::path::Path,
+    opts: &crate::image::OpenOptions,
+    key: &super::keyslot::KeyArgs,
+    secret: &mut Option<crate::crypto::secret::Passphrase>,
+) -> Result<(Box<dyn crate::image::BlockImage>, crate::lock::LockSet), ToolError> {
+    use crate::image::{open_locked, ImageError};
+    match open_locked(path, opts, secret.as_ref()) {
+        Err(ImageError::NeedKey(_)) | Err(ImageError::Qcow2(crate::qcow2::Error::NeedKey(_)))
+            if secret.is_none() =>
+        {
+            let p = key
+                .source()
+                .read(&format!("Passphrase for {}: ", path.display()), false)
+                .map_err(|_| ToolError::BadArgument("cannot read the passphrase"))?;
+            *secret = Some(p);
+            Ok(open_locked(path, opts, secret.as_ref())?)
+        }
+        r => Ok(r?),
+    }
+}
+
+/// The locking of a read-only tool: QEMU's shared read lock, or none of it with `-U`.
+pub fn read_locking(force_share: bool) -> crate::image::Locking {
+    if force_share {
+        crate::image::Locking::ForceShare
+    } else {
+        crate::image::Locking::On
+    }
+}
+
 /// Output format of `info` and `check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {

@@ -133,7 +133,148 @@ fn mlock(buf: &[u8]) -> bool {
     }
     // SAFETY: mlock only reads the address range, which is a live allocation of buf.len() bytes;
     // failure (EPERM, ENOMEM over RLIMIT_MEMLOCK) is reported by the return value and harmless.
-    unsafe { libc::mlock(buf.as_ptr().cast(), buf.len()) == 0 }
+    let ok = unsafe { libc::mlock(buf.as_ptr().cast(), buf.len()) == 0 };
+    if !ok {
+        warn_mlock_once(buf.len());
+    }
+    ok
+}
+
+/// Locking is best effort: say once that secrets may reach swap, not once per buffer.
+fn warn_mlock_once(len: usize) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::warn!(
+            "cannot lock {len} bytes of key material into RAM ({}); raise RLIMIT_MEMLOCK \
+             (ulimit -l) or keys and plaintext may be written to swap",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// A value kept in its own heap allocation that is locked into RAM (best effort) and
+/// overwritten with zeroes after the value is dropped: for cipher key schedules (round keys),
+/// whose own `Drop` zeroizes the fields but cannot keep them out of swap.
+///
+/// Build the value, then move it in with [`Locked::new`]; the temporary the value was built in
+/// is the caller's to keep short-lived.
+pub struct Locked<T> {
+    value: Box<std::mem::ManuallyDrop<T>>,
+    locked: bool,
+}
+
+impl<T> Locked<T> {
+    /// Moves `value` into a locked allocation.
+    pub fn new(value: T) -> Self {
+        let value = Box::new(std::mem::ManuallyDrop::new(value));
+        let locked = mlock(Self::bytes(&value));
+        Self { value, locked }
+    }
+
+    /// Whether the allocation is locked into RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    fn bytes(value: &std::mem::ManuallyDrop<T>) -> &[u8] {
+        let ptr: *const std::mem::ManuallyDrop<T> = value;
+        // SAFETY: the range is exactly the live allocation of the value; it is only passed to
+        // mlock/munlock as an address range, never read as bytes.
+        unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), std::mem::size_of::<T>()) }
+    }
+}
+
+impl<T> std::ops::Deref for Locked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> std::ops::DerefMut for Locked<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}
+
+impl<T> Drop for Locked<T> {
+    fn drop(&mut self) {
+        let ptr: *mut std::mem::ManuallyDrop<T> = &mut *self.value;
+        // SAFETY: the value is dropped exactly once, here; the box then frees the memory
+        // without dropping again (ManuallyDrop).
+        unsafe { std::mem::ManuallyDrop::drop(&mut *ptr) };
+        let bytes = ptr.cast::<u8>();
+        for i in 0..std::mem::size_of::<T>() {
+            // SAFETY: `i` is within the allocation of the (now dropped) value, which is still
+            // owned by the box; volatile writes of zero are not optimised away.
+            unsafe { bytes.add(i).write_volatile(0) };
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        if self.locked {
+            munlock(Self::bytes(&self.value));
+        }
+    }
+}
+
+impl<T> fmt::Debug for Locked<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Locked([REDACTED; {}])", std::mem::size_of::<T>())
+    }
+}
+
+/// A growable scratch buffer for plaintext (per-thread bounce buffers): locked into RAM (best
+/// effort), and zeroed before its memory is freed or given back when it grows.
+#[derive(Default)]
+pub struct SecretBuf {
+    buf: Vec<u8>,
+    locked: bool,
+}
+
+impl SecretBuf {
+    /// An empty buffer (no allocation; usable in `thread_local!` const initialisers).
+    pub const fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            locked: false,
+        }
+    }
+
+    /// The first `len` bytes, growing the buffer (never shrinking it) if needed. Growing wipes
+    /// and unlocks the old allocation before freeing it; the contents are not carried over.
+    pub fn get_mut(&mut self, len: usize) -> &mut [u8] {
+        if self.buf.len() < len {
+            self.release();
+            self.buf = vec![0u8; len];
+            self.locked = mlock(&self.buf);
+        }
+        &mut self.buf[..len]
+    }
+
+    /// Whether the allocation is locked into RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    fn release(&mut self) {
+        self.buf.as_mut_slice().zeroize();
+        if self.locked {
+            munlock(&self.buf);
+            self.locked = false;
+        }
+        self.buf = Vec::new();
+    }
+}
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl fmt::Debug for SecretBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBuf([REDACTED; {}])", self.buf.len())
+    }
 }
 
 fn munlock(buf: &[u8]) {
@@ -332,6 +473,50 @@ fn prompt_once(prompt: &str) -> Result<Passphrase, SecretError> {
     };
     line.zeroize();
     out
+}
+
+#[cfg(test)]
+mod locked_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn locked_value_is_dropped_once_and_locked_as_root() {
+        static DROPS: AtomicUsize = AtomicUsize::new(0);
+        struct Schedule([u8; 240]);
+        impl Drop for Schedule {
+            fn drop(&mut self) {
+                DROPS.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let l = Locked::new(Schedule([7; 240]));
+        assert_eq!(l.0[239], 7);
+        if root() {
+            assert!(l.is_locked(), "root (CAP_IPC_LOCK) could not mlock");
+        }
+        assert!(!format!("{l:?}").contains('7'));
+        drop(l);
+        assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn secret_buf_grows_and_hands_out_exact_lengths() {
+        let mut b = SecretBuf::new();
+        assert_eq!(b.get_mut(4096).len(), 4096);
+        b.get_mut(4096).fill(0xaa);
+        assert_eq!(b.get_mut(100).len(), 100);
+        assert_eq!(b.get_mut(100)[99], 0xaa, "no reallocation when shrinking");
+        assert_eq!(b.get_mut(8192).len(), 8192);
+        if root() {
+            assert!(b.is_locked());
+        }
+        assert_eq!(format!("{b:?}"), "SecretBuf([REDACTED; 8192])");
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::path::Path;
 use super::{check_range, iov_len, BlockImage, ImageError, Result};
 use crate::crypto::luks::{self, CreateParams, LuksArea, LuksHeader, LuksVolume};
 use crate::crypto::secret::Passphrase;
+use crate::crypto::secret::SecretBuf;
 use crate::crypto::sector::SectorCipher;
 use crate::crypto::SECTOR_SIZE;
 use crate::storage::{FileStorage, Storage};
@@ -25,17 +26,12 @@ pub const BOUNCE_MAX: usize = 1 << 20;
 const SECTOR: u64 = SECTOR_SIZE as u64;
 
 thread_local! {
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static BOUNCE: RefCell<SecretBuf> = const { RefCell::new(SecretBuf::new()) };
 }
 
 /// Runs `f` with this thread's bounce buffer, at least `len` (≤ BOUNCE_MAX) bytes long.
 pub(crate) fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    BOUNCE.with_borrow_mut(|b| {
-        if b.len() < len {
-            b.resize(len, 0);
-        }
-        f(&mut b[..len])
-    })
+    BOUNCE.with_borrow_mut(|b| f(b.get_mut(len)))
 }
 
 /// A position inside a list of buffers.

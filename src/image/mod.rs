@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::lock::{ImageLock, LockSet, Perms};
 use crate::storage::{self, FileStorage, OpenFlags, Storage, StorageError};
 
 pub mod crypt;
+mod locked;
 pub mod luks;
+#[cfg(test)]
+mod open_tests;
 pub mod qcow2;
 pub mod raw;
 
@@ -48,6 +52,24 @@ pub enum ImageError {
     NeedKey(&'static str),
     #[error("--direct (O_DIRECT) is supported for raw images only, not {format}")]
     DirectUnsupported { format: &'static str },
+    #[error("{path}: names external data file {data_file} but backing and data files are denied")]
+    DataFileDenied { path: String, data_file: String },
+    #[error(
+        "{path}: names external data file {data_file}; it is opened only when the operator names \
+         it (--data-file PATH)"
+    )]
+    DataFileConsent { path: String, data_file: String },
+    #[error("{path}: a data file was given but the image has no external data file")]
+    DataFileUnexpected { path: String },
+    #[error(
+        "write to sector 0 refused: it would make this probed raw image look like {format} \
+         (serve it with --format raw to allow)"
+    )]
+    ProbedFormatChange { format: &'static str },
+    #[error("--force-share is for read-only use only")]
+    ForceShareWritable,
+    #[error("image locking")]
+    Lock(#[from] crate::lock::LockError),
 }
 
 /// Result type of this module.
@@ -130,6 +152,21 @@ pub enum BackingPolicy {
     Deny,
 }
 
+/// Image locking as QEMU's `locking=` option (see [`crate::lock`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locking {
+    /// No locks (the library default; tests and in-process tools).
+    #[default]
+    Off,
+    /// QEMU's locks: a writer refuses other writers; a reader refuses writers.
+    On,
+    /// qemu-img's `-U`/`--force-share`: read-only, shares everything.
+    ForceShare,
+    /// Ready to lock as [`Locking::On`] but holding nothing until
+    /// [`crate::lock::LockSet::activate`] (a migration destination; see [`crate::lock`]).
+    Inactive,
+}
+
 /// Options for [`open`].
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -141,6 +178,11 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Whether backing files are opened.
     pub backing: BackingPolicy,
+    /// The external data file of a qcow2 image, named by the operator (QEMU's `data-file`).
+    /// The name in the image header is never opened by itself: it could name any host file.
+    pub data_file: Option<PathBuf>,
+    /// Whether and how every file opened is locked.
+    pub locking: Locking,
 }
 
 /// Deepest backing chain accepted.
@@ -169,8 +211,89 @@ pub fn open_with_secret(
     opts: &OpenOptions,
     secret: Option<&crate::crypto::secret::Passphrase>,
 ) -> Result<Box<dyn BlockImage>> {
-    let mut chain = Vec::new();
-    open_chain(path, opts, secret, &mut chain)
+    let (image, locks) = open_locked(path, opts, secret)?;
+    if locks.is_empty() {
+        return Ok(image);
+    }
+    Ok(Box::new(locked::LockedImage::new(image, locks)))
+}
+
+/// As [`open_with_secret`], handing back the locks of every file opened (image, backing chain,
+/// data file) separately, for a caller that changes them later (migration hand-over). The
+/// locks must outlive the image; with [`Locking::Off`] the set is empty.
+pub fn open_locked(
+    path: &Path,
+    opts: &OpenOptions,
+    secret: Option<&crate::crypto::secret::Passphrase>,
+) -> Result<(Box<dyn BlockImage>, LockSet)> {
+    if opts.locking == Locking::ForceShare && !opts.read_only {
+        return Err(ImageError::ForceShareWritable);
+    }
+    let mut ctx = OpenCtx::default();
+    let image = open_chain(path, opts, secret, &mut ctx)?;
+    Ok((image, ctx.locks))
+}
+
+/// What one [`open_locked`] call gathers while it walks an image and its backing chain.
+#[derive(Default)]
+pub struct OpenCtx {
+    /// Canonical paths of the images opened so far (loop detection).
+    chain: Vec<PathBuf>,
+    /// Locks of every file opened.
+    locks: LockSet,
+}
+
+/// Opens one file of an image (read-write unless `read_only`) and takes QEMU's locks on it as
+/// `locking` says: [`Perms::WRITE`] for a writer, [`Perms::READ`] for a reader,
+/// [`Perms::FORCE_SHARE`] with [`Locking::ForceShare`]. For tools that work on the file
+/// directly (`check --repair`, `keyslot`); hold the lock as long as the storage.
+pub fn open_file_locked(
+    path: &Path,
+    read_only: bool,
+    locking: Locking,
+) -> Result<(FileStorage, Option<ImageLock>)> {
+    if locking == Locking::ForceShare && !read_only {
+        return Err(ImageError::ForceShareWritable);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| StorageError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let perms = match (locking, read_only) {
+        (Locking::Off, _) => None,
+        (Locking::ForceShare, _) => Some(Perms::FORCE_SHARE),
+        (Locking::On | Locking::Inactive, true) => Some(Perms::READ),
+        (Locking::On | Locking::Inactive, false) => Some(Perms::WRITE),
+    };
+    let lock = match perms {
+        None => None,
+        Some(p) if locking == Locking::Inactive => {
+            Some(ImageLock::acquire_inactive(&file, path, p)?)
+        }
+        Some(p) => Some(ImageLock::acquire(&file, path, p)?),
+    };
+    Ok((
+        FileStorage::from_file(file, path.display().to_string()),
+        lock,
+    ))
+}
+
+/// [`open_file_locked`], keeping the lock in `ctx`.
+fn open_file(
+    path: &Path,
+    read_only: bool,
+    locking: Locking,
+    ctx: &mut OpenCtx,
+) -> Result<FileStorage> {
+    let (storage, lock) = open_file_locked(path, read_only, locking)?;
+    if let Some(l) = lock {
+        ctx.locks.push(l);
+    }
+    Ok(storage)
 }
 
 /// Resolves a backing file name as QEMU does: absolute, or relative to the overlay's directory.
@@ -187,8 +310,9 @@ fn open_chain(
     path: &Path,
     opts: &OpenOptions,
     secret: Option<&crate::crypto::secret::Passphrase>,
-    chain: &mut Vec<PathBuf>,
+    ctx: &mut OpenCtx,
 ) -> Result<Box<dyn BlockImage>> {
+    let chain = &mut ctx.chain;
     let shown = path.display().to_string();
     if chain.len() > MAX_BACKING_DEPTH {
         return Err(ImageError::BackingChain {
@@ -205,13 +329,7 @@ fn open_chain(
     }
     chain.push(canon);
     // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
-    let storage = FileStorage::open(
-        path,
-        OpenFlags {
-            read_only: opts.read_only,
-            direct: false,
-        },
-    )?;
+    let storage = open_file(path, opts.read_only, opts.locking, ctx)?;
     let format = match opts.format {
         Some(f) => f,
         None => detect_format(&storage)?,
@@ -235,10 +353,14 @@ fn open_chain(
             } else {
                 storage
             };
-            Ok(Box::new(raw::RawImage::new(
-                Box::new(storage) as Box<dyn Storage>,
-                opts.read_only,
-            )?))
+            let raw = raw::RawImage::new(Box::new(storage) as Box<dyn Storage>, opts.read_only)?;
+            // As QEMU's raw driver with `bs->probed`: the guest may not make a probed raw image
+            // probe as something else on the next open.
+            Ok(Box::new(if opts.format.is_none() {
+                raw.guard_probe()
+            } else {
+                raw
+            }))
         }
         Format::Luks => Ok(Box::new(crypt::open_raw_luks(
             Box::new(storage),
@@ -248,17 +370,8 @@ fn open_chain(
         Format::Qcow2 => {
             let probe = crate::qcow2::probe(&storage)?;
             let crypt = crypt::qcow2_crypt(&storage, &probe, secret)?;
-            let backing = open_backing(path, &probe.header, opts, secret, chain)?;
-            let data = match &probe.header.data_file {
-                None => None,
-                Some(name) => Some(Box::new(FileStorage::open(
-                    &resolve_backing(path, name),
-                    OpenFlags {
-                        read_only: opts.read_only,
-                        direct: opts.direct,
-                    },
-                )?) as Box<dyn Storage>),
-            };
+            let backing = open_backing(path, &probe.header, opts, secret, ctx)?;
+            let data = open_data_file(path, &probe.header, opts, ctx)?;
             let q = crate::qcow2::Qcow2::open_with_data_file(
                 Box::new(storage),
                 data,
@@ -274,13 +387,46 @@ fn open_chain(
     }
 }
 
+/// Opens the external data file of a qcow2 image: only the file the operator named
+/// ([`OpenOptions::data_file`]), never the name in the header by itself, and never under
+/// [`BackingPolicy::Deny`] unless the operator named it.
+fn open_data_file(
+    path: &Path,
+    header: &crate::qcow2::Header,
+    opts: &OpenOptions,
+    ctx: &mut OpenCtx,
+) -> Result<Option<Box<dyn Storage>>> {
+    let shown = || path.display().to_string();
+    let named = header.data_file.clone().unwrap_or_default();
+    let has = header.incompatible & crate::qcow2::header::INCOMPAT_DATA_FILE != 0
+        || header.data_file.is_some();
+    match (&opts.data_file, has) {
+        (None, false) => Ok(None),
+        (Some(_), false) => Err(ImageError::DataFileUnexpected { path: shown() }),
+        (None, true) if opts.backing == BackingPolicy::Deny => Err(ImageError::DataFileDenied {
+            path: shown(),
+            data_file: named,
+        }),
+        (None, true) => Err(ImageError::DataFileConsent {
+            path: shown(),
+            data_file: named,
+        }),
+        (Some(given), true) => Ok(Some(Box::new(open_file(
+            given,
+            opts.read_only,
+            opts.locking,
+            ctx,
+        )?))),
+    }
+}
+
 /// Opens the backing file a qcow2 header names (read-only), if any.
 pub fn open_backing(
     path: &Path,
     header: &crate::qcow2::Header,
     opts: &OpenOptions,
     secret: Option<&crate::crypto::secret::Passphrase>,
-    chain: &mut Vec<PathBuf>,
+    ctx: &mut OpenCtx,
 ) -> Result<Option<Box<dyn crate::qcow2::BackingRead>>> {
     let Some(name) = &header.backing_file else {
         return Ok(None);
@@ -305,8 +451,11 @@ pub fn open_backing(
         direct: opts.direct,
         format,
         backing: opts.backing,
+        // The data file option belongs to the top image only.
+        data_file: None,
+        locking: opts.locking,
     };
-    let b = open_chain(&resolve_backing(path, name), &bopts, secret, chain)?;
+    let b = open_chain(&resolve_backing(path, name), &bopts, secret, ctx)?;
     Ok(Some(Box::new(qcow2::BackingImage(b))))
 }
 

@@ -33,6 +33,7 @@ use super::iov::{copy_from, fill_zero, total, IovMut, IovRef};
 use super::metadata::{L2Cache, Lookup, Mapping, Meta, COPIED, OFFSET_MASK, ZERO};
 use super::types::Geometry;
 use super::{compressed, BackingRead, ClusterCrypt, Error, Result};
+use crate::crypto::secret::SecretBuf;
 use crate::storage::Storage;
 
 /// How to open a [`Qcow2`].
@@ -80,7 +81,8 @@ const ALL_ZEROES: u64 = 0xffff_ffff_0000_0000;
 const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
 
 thread_local! {
-    static BOUNCE: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static BOUNCE: RefCell<(SecretBuf, SecretBuf)> =
+        const { RefCell::new((SecretBuf::new(), SecretBuf::new())) };
 }
 
 /// Size of the data-cluster reserve pool: at most this many clusters / bytes.
@@ -578,14 +580,13 @@ impl Qcow2 {
         let n: usize = src.iter().map(|s| s.len()).sum();
         let chunk_max = self.geo.cluster_usize();
         BOUNCE.with(|cell| -> Result<()> {
-            let mut fresh = (Vec::new(), Vec::new());
+            let mut fresh = (SecretBuf::new(), SecretBuf::new());
             let mut guard = cell.try_borrow_mut().ok();
             let (a, b) = match guard.as_deref_mut() {
                 Some(x) => (&mut x.0, &mut x.1),
                 None => (&mut fresh.0, &mut fresh.1),
             };
-            a.resize(chunk_max, 0);
-            b.resize(chunk_max, 0);
+            let (a, b) = (a.get_mut(chunk_max), b.get_mut(chunk_max));
             let mut cur = IovRef::new(src);
             let mut done = 0usize;
             while done < n {

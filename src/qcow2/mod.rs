@@ -24,7 +24,7 @@ pub mod engine;
 pub mod header;
 mod iov;
 pub mod metadata;
-pub mod snapshot;
+pub mod snapshot_ops;
 pub mod stream;
 pub mod types;
 

@@ -54,7 +54,7 @@ fn classify(e: &BlkError) -> (u8, Blame) {
             // The request layer checked the range already: the image disagreeing is our bug or
             // a shrunk file, not the guest's doing.
             ImageError::OutOfRange { .. } => (IOERR, Blame::Host),
-            ImageError::ReadOnly => (IOERR, Blame::Guest),
+            ImageError::ReadOnly | ImageError::ProbedFormatChange { .. } => (IOERR, Blame::Guest),
             ImageError::Unsupported => (UNSUPP, Blame::Guest),
             ImageError::Storage(_)
             | ImageError::Qcow2(_)
@@ -64,7 +64,12 @@ fn classify(e: &BlkError) -> (u8, Blame) {
             | ImageError::Luks(_)
             | ImageError::Cipher(_)
             | ImageError::NeedKey(_)
-            | ImageError::DirectUnsupported { .. } => (IOERR, Blame::Host),
+            | ImageError::DirectUnsupported { .. }
+            | ImageError::DataFileDenied { .. }
+            | ImageError::DataFileConsent { .. }
+            | ImageError::DataFileUnexpected { .. }
+            | ImageError::ForceShareWritable
+            | ImageError::Lock(_) => (IOERR, Blame::Host),
         },
     }
 }

@@ -34,6 +34,7 @@ use std::fmt;
 
 pub use error::SectorCipherError;
 
+use super::secret::Locked;
 use super::SECTOR_SIZE;
 
 /// AES key size.
@@ -256,11 +257,12 @@ fn vaes512_available() -> bool {
     false
 }
 
+// Round keys live in locked, zeroed-after-drop allocations (crate::crypto::secret::Locked).
 enum Engine {
     #[cfg(target_arch = "x86_64")]
-    Vaes512(Box<vaes512::Engine>),
-    Portable(Box<portable::Engine<portable::HwAes>>),
-    Soft(Box<portable::Engine<soft::SoftAes>>),
+    Vaes512(Locked<vaes512::Engine>),
+    Portable(Locked<portable::Engine<portable::HwAes>>),
+    Soft(Locked<portable::Engine<soft::SoftAes>>),
 }
 
 /// Encrypts and decrypts runs of 512-byte sectors with one key.
@@ -316,12 +318,12 @@ impl SectorCipher {
         let engine = match path {
             #[cfg(target_arch = "x86_64")]
             EnginePath::Vaes512 if vaes512::available() => {
-                Engine::Vaes512(Box::new(vaes512::Engine::new(spec, key)?))
+                Engine::Vaes512(Locked::new(vaes512::Engine::new(spec, key)?))
             }
             EnginePath::Vaes512 => return Err(SectorCipherError::PathUnavailable { path }),
-            EnginePath::Soft => Engine::Soft(Box::new(portable::Engine::new(spec, key)?)),
+            EnginePath::Soft => Engine::Soft(Locked::new(portable::Engine::new(spec, key)?)),
             EnginePath::Auto | EnginePath::Portable => {
-                Engine::Portable(Box::new(portable::Engine::new(spec, key)?))
+                Engine::Portable(Locked::new(portable::Engine::new(spec, key)?))
             }
         };
         let path = match engine {
@@ -342,7 +344,7 @@ impl SectorCipher {
         Some(SectorCipher {
             spec,
             path: EnginePath::Vaes512,
-            engine: Engine::Vaes512(Box::new(engine)),
+            engine: Engine::Vaes512(Locked::new(engine)),
         })
     }
 
