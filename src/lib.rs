@@ -9,6 +9,7 @@ pub mod fuzz_harness;
 pub mod image;
 pub mod lock;
 pub mod qcow2;
+pub mod rbd;
 pub mod sandbox;
 pub mod storage;
 pub mod vhost_user;

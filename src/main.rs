@@ -4,8 +4,8 @@ use clap::Parser;
 use vhost_user_qcow2::cli;
 
 fn main() {
-    cli::log_filter::init();
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_from(cli::with_implied_serve(std::env::args_os().collect()));
+    cli::log_filter::init(args.log_level.unwrap_or(log::LevelFilter::Info));
     match cli::run(args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

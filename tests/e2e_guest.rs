@@ -10,7 +10,9 @@ mod rig;
 #[path = "guest/vm.rs"]
 mod vm;
 
-use rig::{run_guest_fio, Backend, ImageCase, OverlayMaker};
+use rig::{
+    run_guest_fio, run_guest_kill_restart, run_guest_live_resize, Backend, ImageCase, OverlayMaker,
+};
 
 #[test]
 fn raw_image_guest_fio_verify_via_daemon() {
@@ -177,4 +179,26 @@ fn restarted_qemu_reattaches_to_daemon() {
 #[test]
 fn restarted_qemu_reattaches_to_qemu_storage_daemon() {
     rig::run_guest_reconnect(&ImageCase::raw(), Backend::QemuStorageDaemon);
+}
+
+#[test]
+fn raw_guest_fio_verify_survives_three_daemon_sigkills() {
+    run_guest_kill_restart(&ImageCase::raw(), 3);
+}
+
+#[test]
+fn qcow2_luks_guest_fio_verify_survives_three_daemon_sigkills() {
+    const PASS: &str = "e2e-kill-pass";
+    let key = std::env::temp_dir().join(format!("vuq-e2e-kill-{}.key", std::process::id()));
+    std::fs::write(&key, PASS).expect("key file");
+    let case = ImageCase::qcow2_luks(
+        PASS,
+        vec!["--key-secret-file".to_owned(), key.display().to_string()],
+    );
+    run_guest_kill_restart(&case, 3);
+}
+
+#[test]
+fn raw_live_resize_under_guest_io() {
+    run_guest_live_resize(&ImageCase::raw(), 320 * 1024 * 1024);
 }

@@ -100,7 +100,7 @@ fn default_create_calibrates_iterations_and_matches_qemu_layout() {
         ..CreateParams::default()
     };
     let img = LuksImage::create(&f, 1 << 20, &params, &Passphrase::new(b"pw")).expect("create");
-    let h = img.header().clone();
+    let h = img.header().expect("LUKS1").clone();
     drop(img);
     assert_eq!(h.payload_offset, 4040);
     assert_eq!(h.cipher_mode().expect("mode"), "xts-plain64");

@@ -37,9 +37,9 @@ fn malformed_headers_give_clear_errors_and_leave_the_file_untouched() {
     let cases: Vec<(&str, Corruptor, &str)> = vec![
         ("bad magic", Box::new(|p| patch(p, 0, b"LUKZ")), "bad magic"),
         (
-            "version 2",
+            "version 2 (a LUKS1 header claiming LUKS2: no valid LUKS2 copy)",
             Box::new(|p| patch(p, 6, &2u16.to_be_bytes())),
-            "LUKS version 2 is not supported",
+            "no valid LUKS2 header copy",
         ),
         (
             "stripes 3999",

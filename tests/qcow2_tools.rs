@@ -890,3 +890,43 @@ fn tools_respect_the_serving_daemons_lock() {
         Some(0)
     );
 }
+
+/// Long operations show progress on a terminal (and nothing in a pipe): `convert -p`, full
+/// preallocation, `check`. The terminal is a pty from util-linux `script`.
+#[test]
+fn long_operations_show_progress_on_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let bin = common::BIN;
+    sh_in(
+        d,
+        "qemu-img create -q -f qcow2 s.qcow2 64M && qemu-io -c 'write -P 1 0 8M' s.qcow2",
+    );
+    for cmd in [
+        format!("{bin} convert -p -O qcow2 s.qcow2 t.qcow2"),
+        format!("{bin} create -f qcow2 --preallocation full f.qcow2 64M"),
+        format!("{bin} check s.qcow2"),
+    ] {
+        let tty = sh_in(d, &format!("script -qec '{cmd}' /dev/null"));
+        assert!(tty.contains("(100.00/100%)"), "{cmd}: {tty:?}");
+        // And no progress without a terminal.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(
+                format!("{cmd} 2>&1")
+                    .replace("t.qcow2", "t2.qcow2")
+                    .replace("f.qcow2", "f2.qcow2"),
+            )
+            .current_dir(d)
+            .output()
+            .expect("sh");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("/100%)"),
+            "{cmd}"
+        );
+    }
+    sh_in(
+        d,
+        "qemu-img check t.qcow2 && qemu-img compare s.qcow2 t.qcow2 && qemu-img check f.qcow2",
+    );
+}

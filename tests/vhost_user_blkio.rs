@@ -277,15 +277,15 @@ fn seccomp_of_threads(pid: u32) -> Vec<(u32, String, u32, u32)> {
 fn every_daemon_thread_runs_under_a_seccomp_filter() {
     let d = Daemon::start(8 * MIB, &["--num-queues", "2"]);
     let mut c = Client::connect(&d, 2, false).expect("connect");
-    // I/O on every queue: each worker has narrowed the main thread's filter to its own.
+    // I/O on every queue (each worker narrowed the main thread's filter to its own at start).
     for q in 0..2 {
         assert_eq!(write(&mut c, q, 4096, &[0x5a; 4096]), 0);
         assert_eq!(read(&mut c, q, 4096, 4096), vec![0x5a; 4096]);
     }
     let pid = d.child.id();
     let threads = seccomp_of_threads(pid);
-    // main, signals, the protocol thread and two workers.
-    assert!(threads.len() >= 5, "{threads:?}");
+    // main (accept loop and vhost-user messages), signals and two queue workers.
+    assert!(threads.len() >= 4, "{threads:?}");
     for (tid, name, mode, filters) in &threads {
         // 2 = SECCOMP_MODE_FILTER.
         assert_eq!(
@@ -365,4 +365,78 @@ fn systemd_socket_activation_and_notify() {
     assert!(st.success(), "{st:?}");
     let all = std::fs::read(&image).expect("image");
     assert_eq!(&all[1 << 20..(1 << 20) + 4096], &[0x5c; 4096][..]);
+}
+
+/// `stats`: the counters and latency histograms of a running daemon, as JSON, text and
+/// Prometheus text exposition, agree with the requests a client made.
+#[test]
+fn stats_count_what_the_client_did() {
+    let ctl_dir = tempfile::tempdir().expect("tempdir");
+    let ctl = ctl_dir.path().join("control.sock");
+    let d = Daemon::start(8 * MIB, &["--control-socket", ctl.to_str().expect("utf-8")]);
+    let mut c = Client::connect(&d, 1, false).expect("connect");
+    for i in 0..3u64 {
+        assert_eq!(write(&mut c, 0, i * 4096, &[7u8; 4096]), 0);
+    }
+    assert_eq!(read(&mut c, 0, 0, 8192), vec![7u8; 8192]);
+    assert_eq!(read(&mut c, 0, 4096, 512), vec![7u8; 512]);
+    c.queues[0].flush(0, ReqFlags::empty());
+    assert_eq!(complete(&mut c.queues[0]), 0);
+    let stats = |fmt: &str| {
+        let out = std::process::Command::new(common::BIN)
+            .args(["stats", "--output", fmt])
+            .arg(&ctl)
+            .output()
+            .expect("stats");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let prom = stats("prometheus");
+    let image = d.image.display().to_string();
+    let series = |name: &str, labels: &str| -> u64 {
+        let prefix = format!("vhost_user_qcow2_{name}{{image=\"{image}\",");
+        prom.lines()
+            .find(|l| l.starts_with(&prefix) && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} {labels} in\n{prom}"))
+    };
+    assert_eq!(series("requests_total", "queue=\"0\",type=\"write\""), 3);
+    assert_eq!(series("requests_total", "queue=\"0\",type=\"read\""), 2);
+    assert_eq!(series("requests_total", "queue=\"0\",type=\"flush\""), 1);
+    assert_eq!(
+        series("bytes_total", "queue=\"0\",direction=\"write\""),
+        3 * 4096
+    );
+    assert_eq!(
+        series("bytes_total", "queue=\"0\",direction=\"read\""),
+        8192 + 512
+    );
+    assert_eq!(series("errors_total", "queue=\"0\",status=\"ioerr\""), 0);
+    assert_eq!(series("in_flight", "queue=\"0\""), 0);
+    assert_eq!(
+        series(
+            "request_duration_seconds_bucket",
+            "queue=\"0\",op=\"write\",le=\"+Inf\""
+        ),
+        3
+    );
+    assert_eq!(
+        series("request_duration_seconds_count", "queue=\"0\",op=\"read\""),
+        2
+    );
+    assert_eq!(series("capacity_bytes", "socket="), 8 * MIB);
+    assert!(prom.contains("# TYPE vhost_user_qcow2_request_duration_seconds histogram"));
+    let v: serde_json::Value = serde_json::from_str(&stats("json")).expect("json");
+    assert_eq!(v["queue-stats"][0]["write"], 3);
+    assert_eq!(v["queue-stats"][0]["latency_us"]["write"]["count"], 3);
+    let text = stats("human");
+    assert!(
+        text.contains(&image) && text.contains("frontend: connected"),
+        "{text}"
+    );
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -131,7 +133,8 @@ impl Vq {
         fe.set_features(want).expect("set_features");
         let pf = fe.get_protocol_features().expect("protocol features");
         assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
-        assert!(!pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        // Our own handler serves in-flight tracking (vhost-user-backend 0.24 could not).
+        assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
         fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ)
             .expect("set protocol features");
         let base = mem.ptr as u64;
@@ -345,6 +348,402 @@ fn writes_to_a_read_only_export_get_ioerr() {
     assert_eq!(vq.read_ok(2), vec![2u8; 512]);
     let file = std::fs::read(&d.image).expect("image");
     assert_eq!(&file[1024..1536], &[2u8; 512][..]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frontend message orders replayed: cloud-hypervisor's and QEMU's, with real requests through
+// real rings at every step. Two regions: A (the `GuestMem` above) at guest address 0, and B, a
+// second memfd at REGION_B, added with ADD_MEM_REG.
+
+const REGION_B: u64 = 0x10_0000;
+struct Replay {
+    a: GuestMem,
+    b: GuestMem,
+    fe: Frontend,
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+fn region(mem: &GuestMem, gpa: u64) -> VhostUserMemoryRegionInfo {
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: mem.ptr as u64,
+        mmap_offset: 0,
+        mmap_handle: mem.fd.as_raw_fd(),
+    }
+}
+
+impl Replay {
+    fn write(&self, gpa: u64, data: &[u8]) {
+        if gpa >= REGION_B {
+            self.b.write(gpa - REGION_B, data);
+        } else {
+            self.a.write(gpa, data);
+        }
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        if gpa >= REGION_B {
+            self.b.read(gpa - REGION_B, len)
+        } else {
+            self.a.read(gpa, len)
+        }
+    }
+
+    fn vring_config(&self) -> VringConfigData {
+        let base = self.a.ptr as u64;
+        VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: base + DESC,
+            used_ring_addr: base + USED,
+            avail_ring_addr: base + AVAIL,
+            log_addr: None,
+        }
+    }
+
+    /// Writes a one-sector request into slot `k`; returns its head descriptor index.
+    fn put(&self, k: u16, kind: u32, sector: u64, data: u64) -> u16 {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        let hdr = HDR + 16 * u64::from(k);
+        let status = STATUS + u64::from(k);
+        self.write(hdr, &h);
+        self.write(status, &[0xff]);
+        let data_flags = if kind == T_IN { F_WRITE } else { 0 };
+        let head = 3 * k;
+        // Slot k uses descriptors 3k..3k+2 (k < 5 with 16 descriptors).
+        let descs: [Desc; 3] = [(hdr, 16, 0), (data, 512, data_flags), (status, 1, F_WRITE)];
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let idx = head + i as u16;
+            let mut d = [0u8; 16];
+            d[..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            let f = if i == 2 { flags } else { flags | F_NEXT };
+            d[12..14].copy_from_slice(&f.to_le_bytes());
+            d[14..16].copy_from_slice(&(idx + 1).to_le_bytes());
+            self.a.write(DESC + 16 * u64::from(idx), &d);
+        }
+        head
+    }
+
+    /// Makes `head` available (without kicking).
+    fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+        self.a.write(slot, &head.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.a.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        fence(Ordering::SeqCst);
+    }
+
+    /// Waits for the next used element; returns its (id, len).
+    fn next_used(&mut self) -> (u32, u32) {
+        let t = Instant::now();
+        while self.a.u16_at(USED + 2) == self.used_idx {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "request not completed"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fence(Ordering::SeqCst);
+        let e = self
+            .a
+            .read(USED + 4 + 8 * u64::from(self.used_idx % QSIZE), 8);
+        self.used_idx = self.used_idx.wrapping_add(1);
+        (
+            u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        )
+    }
+
+    /// One request through slot 0, waited for; returns the status byte.
+    fn request(&mut self, kind: u32, sector: u64, data: u64) -> u8 {
+        let head = self.put(0, kind, sector, data);
+        self.publish(head);
+        self.kick.write(1).expect("kick");
+        let (id, _) = self.next_used();
+        assert_eq!(id, u32::from(head), "used id");
+        self.read(STATUS, 1)[0]
+    }
+
+    fn write_sector(&mut self, sector: u64, byte: u8, data: u64) {
+        self.write(data, &[byte; 512]);
+        assert_eq!(
+            self.request(T_OUT, sector, data),
+            S_OK,
+            "write sector {sector}"
+        );
+    }
+
+    fn read_sector(&mut self, sector: u64, data: u64) -> Vec<u8> {
+        self.write(data, &[0xaa; 512]);
+        assert_eq!(
+            self.request(T_IN, sector, data),
+            S_OK,
+            "read sector {sector}"
+        );
+        self.read(data, 512)
+    }
+
+    /// Sets up queue 0 (cloud-hypervisor: ADDR before BASE; QEMU: BASE before ADDR).
+    fn activate(&mut self, base: u16, addr_first: bool) {
+        self.fe.set_vring_num(0, QSIZE).expect("vring num");
+        if addr_first {
+            self.fe
+                .set_vring_addr(0, &self.vring_config())
+                .expect("addr");
+            self.fe.set_vring_base(0, base).expect("base");
+        } else {
+            self.fe.set_vring_base(0, base).expect("base");
+            self.fe
+                .set_vring_addr(0, &self.vring_config())
+                .expect("addr");
+        }
+        self.fe.set_vring_call(0, &self.call).expect("call");
+        self.fe.set_vring_kick(0, &self.kick).expect("kick");
+        self.fe.set_vring_enable(0, true).expect("enable");
+    }
+}
+
+// VERSION_1, PROTOCOL_FEATURES, INDIRECT_DESC, EVENT_IDX, CONFIG_WCE, FLUSH.
+const WANT_FEATURES: u64 = (1u64 << 32) | (1 << 30) | (1 << 28) | (1 << 29) | (1 << 11) | (1 << 9);
+
+fn ch_protocol() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::CONFIG
+}
+
+#[test]
+fn cloud_hypervisor_message_order_replayed_with_requests_at_every_step() {
+    let d = Daemon::start(4 << 20, &["--num-queues", "1", "--queue-size", "16"]);
+    let a = GuestMem::new();
+    let b = GuestMem::new();
+    let fe = Frontend::connect(&d.sock, 1).expect("connect");
+    fe.set_owner().expect("SET_OWNER first");
+    let offered = fe.get_features().expect("features");
+    assert_eq!(offered & WANT_FEATURES, WANT_FEATURES);
+    fe.set_features(WANT_FEATURES).expect("set features");
+    let mut r = Replay {
+        a,
+        b,
+        fe,
+        kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        avail_idx: 0,
+        used_idx: 0,
+    };
+    let pf = r.fe.get_protocol_features().expect("protocol features");
+    assert!(pf.contains(ch_protocol()), "offered {pf:?}");
+    r.fe.set_protocol_features(ch_protocol())
+        .expect("set protocol features");
+    // From here on every message asks for a reply, as cloud-hypervisor does.
+    r.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_eq!(r.fe.get_queue_num().expect("queue num"), 1);
+    assert!(r.fe.get_max_mem_slots().expect("mem slots") >= 2);
+    // SET_MEM_TABLE although CONFIGURE_MEM_SLOTS was acked.
+    r.fe.set_mem_table(&[region(&r.a, 0)])
+        .expect("SET_MEM_TABLE");
+    let (_, cfg) =
+        r.fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .expect("60-byte GET_CONFIG");
+    assert_eq!(cfg.len(), 60);
+    assert_eq!(&cfg[0..8], &((4u64 << 20) / 512).to_le_bytes());
+    let (inflight, inflight_fd) =
+        r.fe.get_inflight_fd(&VhostUserInflight {
+            num_queues: 1,
+            queue_size: QSIZE,
+            ..Default::default()
+        })
+        .expect("GET_INFLIGHT_FD");
+    assert!(inflight.mmap_size >= 16 + 16 * u64::from(QSIZE));
+    r.fe.set_inflight_fd(&inflight, inflight_fd.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    r.activate(0, true);
+    r.write_sector(8, 0x41, DATA);
+    assert_eq!(r.read_sector(8, DATA), vec![0x41; 512]);
+
+    // Pause with a request in flight: nothing completes until the ring is enabled again.
+    r.fe.set_vring_enable(0, false).expect("disable");
+    r.write(DATA, &[0x42; 512]);
+    let head = r.put(0, T_OUT, 9, DATA);
+    r.publish(head);
+    r.kick.write(1).expect("kick");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.a.u16_at(USED + 2), r.used_idx, "completed while disabled");
+    r.fe.set_vring_enable(0, true).expect("enable");
+    assert_eq!(r.next_used().0, u32::from(head));
+    assert_eq!(r.read_sector(9, DATA), vec![0x42; 512]);
+
+    // ADD_MEM_REG after SET_MEM_TABLE: data buffers in the new region.
+    r.fe.add_mem_region(&region(&r.b, REGION_B))
+        .expect("ADD_MEM_REG");
+    r.write_sector(12, 0x45, REGION_B + 0x2000);
+    assert_eq!(r.read_sector(12, REGION_B + 0x4000), vec![0x45; 512]);
+
+    // SET_CONFIG of the writeback byte.
+    r.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[0])
+        .expect("SET_CONFIG wce=0");
+    let (_, wb) =
+        r.fe.get_config(32, 1, VhostUserConfigFlags::WRITABLE, &[0u8; 1])
+            .expect("get writeback");
+    assert_eq!(wb, vec![0]);
+    r.write_sector(13, 0x46, DATA);
+    r.fe.set_config(32, VhostUserConfigFlags::WRITABLE, &[1])
+        .expect("SET_CONFIG wce=1");
+
+    // Reset (GET_VRING_BASE) and reactivation at the base it returned.
+    let base = r.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(
+        base,
+        u32::from(r.avail_idx),
+        "stopped ring reports its avail index"
+    );
+    r.activate(base as u16, true);
+    assert_eq!(r.read_sector(13, DATA), vec![0x46; 512]);
+
+    // The daemon "crashed" with slot 1's write in flight and the avail ring slot that held it
+    // since reused for a decoy: leave that state in the ring and the kept in-flight region.
+    let Replay {
+        a,
+        b,
+        fe,
+        avail_idx,
+        used_idx,
+        ..
+    } = r;
+    drop(fe);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut r = Replay {
+        a,
+        b,
+        fe: Frontend::connect(&d.sock, 1).expect("reconnect"),
+        kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        avail_idx,
+        used_idx,
+    };
+    r.write(DATA + 0x1000, &[0x43; 512]);
+    let in_flight = r.put(1, T_OUT, 10, DATA + 0x1000);
+    r.write(DATA + 0x2000, &[0x44; 512]);
+    let decoy = r.put(2, T_OUT, 11, DATA + 0x2000);
+    r.publish(decoy);
+    // SAFETY: a new shared mapping of the in-flight memfd the daemon gave us, checked.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            inflight.mmap_size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            inflight_fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let desc = 16 + 16 * usize::from(in_flight);
+    // SAFETY: within the mapping (desc + 16 <= 16 + 16 * QSIZE <= mmap_size).
+    unsafe {
+        let p = map.cast::<u8>();
+        std::ptr::write_volatile(p.add(desc + 8).cast::<[u8; 8]>(), 1000u64.to_le_bytes());
+        std::ptr::write_volatile(p.add(desc), 1);
+        libc::munmap(map, inflight.mmap_size as usize);
+    }
+
+    // cloud-hypervisor's reconnect (reinitialize_vhost_user): SET_PROTOCOL_FEATURES without
+    // GET_PROTOCOL_FEATURES, then the kept in-flight fd.
+    r.fe.set_owner().expect("SET_OWNER");
+    r.fe.get_features().expect("GET_FEATURES");
+    r.fe.set_features(WANT_FEATURES).expect("SET_FEATURES");
+    r.fe.set_protocol_features(ch_protocol())
+        .expect("SET_PROTOCOL_FEATURES without GET");
+    r.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    r.fe.set_mem_table(&[region(&r.a, 0)])
+        .expect("SET_MEM_TABLE");
+    r.fe.add_mem_region(&region(&r.b, REGION_B))
+        .expect("ADD_MEM_REG");
+    r.fe.set_inflight_fd(&inflight, inflight_fd.as_raw_fd())
+        .expect("SET_INFLIGHT_FD with the kept fd");
+    // cloud-hypervisor passes the avail index as the base.
+    r.activate(r.avail_idx, true);
+    let first = r.next_used().0;
+    assert_eq!(
+        first,
+        u32::from(in_flight),
+        "in-flight head resubmitted; daemon log:\n{}",
+        std::fs::read_to_string(d.sock.with_file_name("daemon.log")).unwrap_or_default()
+    );
+    assert_eq!(r.read(STATUS + 1, 1)[0], S_OK);
+    assert_eq!(r.read_sector(10, DATA), vec![0x43; 512]);
+    // The reused avail slot was skipped: the decoy never ran.
+    assert_eq!(r.read_sector(11, DATA), vec![11u8; 512]);
+    // Nothing completed twice: the next used element is the next request.
+    r.write_sector(14, 0x47, REGION_B);
+    assert_eq!(r.read_sector(14, DATA), vec![0x47; 512]);
+}
+
+#[test]
+fn qemu_message_order_replayed_with_requests_at_every_step() {
+    let d = Daemon::start(4 << 20, &["--num-queues", "1", "--queue-size", "16"]);
+    let fe = Frontend::connect(&d.sock, 1).expect("connect");
+    fe.set_owner().expect("SET_OWNER");
+    fe.get_features().expect("features");
+    fe.set_features(WANT_FEATURES).expect("set features");
+    let mut r = Replay {
+        a: GuestMem::new(),
+        b: GuestMem::new(),
+        fe,
+        kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        avail_idx: 0,
+        used_idx: 0,
+    };
+    r.fe.get_protocol_features().expect("protocol features");
+    r.fe.set_protocol_features(ch_protocol())
+        .expect("set protocol features");
+    assert_eq!(r.fe.get_queue_num().expect("queue num"), 1);
+    r.fe.get_max_mem_slots().expect("mem slots");
+    // ADD_MEM_REG only.
+    r.fe.add_mem_region(&region(&r.a, 0))
+        .expect("ADD_MEM_REG a");
+    r.fe.add_mem_region(&region(&r.b, REGION_B))
+        .expect("ADD_MEM_REG b");
+    let (_, cfg) =
+        r.fe.get_config(0, 57, VhostUserConfigFlags::WRITABLE, &[0u8; 57])
+            .expect("57-byte GET_CONFIG");
+    assert_eq!(cfg.len(), 57);
+    let (inflight, fd) =
+        r.fe.get_inflight_fd(&VhostUserInflight {
+            num_queues: 1,
+            queue_size: QSIZE,
+            ..Default::default()
+        })
+        .expect("GET_INFLIGHT_FD");
+    r.fe.set_inflight_fd(&inflight, fd.as_raw_fd())
+        .expect("SET_INFLIGHT_FD");
+    // BASE before ADDR.
+    r.activate(0, false);
+    r.write_sector(3, 0x51, REGION_B + 0x1000);
+    assert_eq!(r.read_sector(3, DATA), vec![0x51; 512]);
+    for i in 0..20u64 {
+        r.write_sector(20 + i, 0x60 + i as u8, DATA);
+    }
+    for i in 0..20u64 {
+        assert_eq!(r.read_sector(20 + i, REGION_B), vec![0x60 + i as u8; 512]);
+    }
+    let base = r.fe.get_vring_base(0).expect("GET_VRING_BASE");
+    assert_eq!(base, u32::from(r.avail_idx));
+    // Restart at that base, as QEMU does after a stop/cont.
+    r.activate(base as u16, false);
+    assert_eq!(r.read_sector(3, DATA), vec![0x51; 512]);
 }
 
 /// A guest that keeps publishing a bogus available index makes virtio-queue log an error per

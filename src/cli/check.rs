@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::check::{check_with_progress, CheckResult, Repair};
+use crate::storage::OpenFlags;
 
 /// What `--repair` fixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -75,20 +76,31 @@ pub fn exit_code(r: &CheckResult) -> i32 {
 /// Runs `check`; returns the exit code.
 pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     // A repair writes: it takes QEMU's write lock (refused while a VM or daemon uses the image);
-    // a plain check reads without locking, as `qemu-img check -U`.
+    // a plain check reads without locking, as `qemu-img check -U`. An `rbd:` image takes RBD's
+    // exclusive lock instead when repairing (src/rbd).
     let read_only = args.repair.is_none();
     let locking = if read_only {
         image::Locking::Off
     } else {
         image::Locking::On
     };
-    let (st, _lock) = image::open_file_locked(&args.file, read_only, locking)?;
+    let (st, _lock): (Box<dyn crate::storage::Storage>, _) =
+        if args.file.to_str().is_some_and(crate::rbd::is_rbd) {
+            let flags = OpenFlags {
+                read_only,
+                direct: false,
+            };
+            (crate::rbd::open_storage(&args.file, flags)?, None)
+        } else {
+            let (st, lock) = image::open_file_locked(&args.file, read_only, locking)?;
+            (Box::new(st), lock)
+        };
     let format = match args.format.as_deref() {
-        None => image::detect_format(&st)?,
+        None => image::detect_format(&*st)?,
         Some(f) => Format::from_name(f)
             .ok_or(ToolError::BadArgument("format must be raw, qcow2 or luks"))?,
     };
-    if format == Format::Qcow2 && !crate::qcow2::is_qcow2(&st)? {
+    if format == Format::Qcow2 && !crate::qcow2::is_qcow2(&*st)? {
         return Err(crate::qcow2::Error::BadMagic.into());
     }
     if format != Format::Qcow2 {
@@ -106,7 +118,7 @@ pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             eprint!("\r    ({:.2}/100%)", done as f64 * 100.0 / total as f64);
         }
     };
-    let r = check_with_progress(&st, repair, tty.then_some(&show as &dyn Fn(u64, u64)))?;
+    let r = check_with_progress(&*st, repair, tty.then_some(&show as &dyn Fn(u64, u64)))?;
     if tty {
         eprint!("\r    (100.00/100%)\n");
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::tools::{parse_size, ToolError};
 use crate::image::{self, Format, OpenOptions};
-use crate::qcow2::create::{create, CreateOptions, Preallocation};
+use crate::qcow2::create::{create_on, CreateOptions, Preallocation};
 
 /// Image format to create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -77,6 +77,53 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
+/// Full preallocation: allocates every hole of the file (zeroes), 64 MiB at a time, with a
+/// progress line on a terminal. The metadata (already written) is never touched: only holes are
+/// filled, so an interrupted run leaves a valid, partly preallocated image.
+fn allocate_holes(
+    st: &crate::storage::FileStorage,
+    path: &std::path::Path,
+) -> Result<(), ToolError> {
+    use crate::storage::Storage;
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+    const CHUNK: u64 = 64 << 20;
+    let len = st.len()?;
+    // A second descriptor of the same file, only to find its holes.
+    let probe = std::fs::File::open(path)?;
+    let fd = probe.as_raw_fd();
+    let seek = |off: u64, whence: i32| -> Option<u64> {
+        let o = libc::off_t::try_from(off).ok()?;
+        // SAFETY: lseek on our open descriptor only moves its file position.
+        let r = unsafe { libc::lseek(fd, o, whence) };
+        u64::try_from(r).ok()
+    };
+    let tty = std::io::stderr().is_terminal();
+    let mut off = 0u64;
+    while off < len {
+        // The next hole at or after `off` (EOF counts as one), and the data after it.
+        let Some(hole) = seek(off, libc::SEEK_HOLE).filter(|&h| h < len) else {
+            break;
+        };
+        let data = seek(hole, libc::SEEK_DATA).unwrap_or(len).min(len);
+        let mut at = hole;
+        while at < data {
+            let n = CHUNK.min(data - at);
+            st.write_zeroes(at, n)?;
+            at += n;
+            if tty {
+                eprint!("\r    ({:.2}/100%)", at as f64 * 100.0 / len as f64);
+            }
+        }
+        off = data;
+    }
+    st.sync()?;
+    if tty {
+        eprintln!("\r    (100.00/100%)");
+    }
+    Ok(())
+}
+
 impl CreateArgs {
     /// The arguments `create FILE SIZE` would have, every option at its default (for commands
     /// that create an image on the way, such as convert and measure).
@@ -142,6 +189,9 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
     let size = size
         .checked_next_multiple_of(512)
         .ok_or(ToolError::BadArgument("the size is too large"))?;
+    if let Some(params) = args.encrypt.luks2_params()? {
+        return create_luks2(args, size, &params, out);
+    }
     let luks = args.encrypt.luks_params()?;
     if luks.is_some() && args.preallocation != PreallocArg::Off {
         // Preallocated clusters hold plaintext zeroes, which would read back as garbage.
@@ -166,15 +216,24 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             if args.backing.is_some() {
                 return Err(ToolError::BadArgument("raw images have no backing file"));
             }
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&args.file)?;
-            f.set_len(size)?;
+            // A new file, or an rbd: image.
+            let st = crate::rbd::create_new(&args.file)?;
+            st.set_len(size)?;
             if args.preallocation == PreallocArg::Full {
-                let st = crate::storage::FileStorage::from_file(f, args.file.display().to_string());
-                crate::storage::Storage::write_zeroes(&st, 0, size)?;
-                crate::storage::Storage::sync(&st)?;
+                if crate::rbd::is_rbd(&args.file.to_string_lossy()) {
+                    st.write_zeroes(0, size)?;
+                    st.sync()?;
+                } else {
+                    drop(st);
+                    let st = crate::storage::FileStorage::open(
+                        &args.file,
+                        crate::storage::OpenFlags {
+                            read_only: false,
+                            direct: false,
+                        },
+                    )?;
+                    allocate_holes(&st, &args.file)?;
+                }
             }
         }
         CreateFormat::Qcow2 => {
@@ -193,10 +252,10 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                 compression_type: args.compression_type,
                 backing_file: args.backing.clone(),
                 backing_format: args.backing_format.clone(),
+                // Full = metadata, then every hole of the file allocated here (with progress).
                 preallocation: match args.preallocation {
                     PreallocArg::Off => Preallocation::Off,
-                    PreallocArg::Metadata => Preallocation::Metadata,
-                    PreallocArg::Full => Preallocation::Full,
+                    PreallocArg::Metadata | PreallocArg::Full => Preallocation::Metadata,
                 },
                 ..Default::default()
             };
@@ -205,8 +264,21 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
                     crate::image::crypt::create_qcow2_luks(&args.file, &opts, params, pass)?
                 }
                 _ => {
-                    create(&args.file, &opts)?;
+                    create_on(crate::rbd::create_new(&args.file)?, &opts)?;
                 }
+            }
+            // (RBD images are thin whatever is written: nothing to fill there.)
+            if args.preallocation == PreallocArg::Full
+                && !crate::rbd::is_rbd(&args.file.to_string_lossy())
+            {
+                let st = crate::storage::FileStorage::open(
+                    &args.file,
+                    crate::storage::OpenFlags {
+                        read_only: false,
+                        direct: false,
+                    },
+                )?;
+                allocate_holes(&st, &args.file)?;
             }
         }
     }
@@ -224,6 +296,39 @@ pub fn run(args: &CreateArgs, out: &mut dyn Write) -> Result<i32, ToolError> {
             _ => "",
         },
         size
+    )?;
+    Ok(0)
+}
+
+/// `create -f raw --encrypt luks2`: a raw LUKS2 file as cryptsetup lays it out.
+fn create_luks2(
+    args: &CreateArgs,
+    size: u64,
+    params: &crate::crypto::luks::luks2::Luks2CreateParams,
+    out: &mut dyn Write,
+) -> Result<i32, ToolError> {
+    if args.format != CreateFormat::Raw {
+        return Err(ToolError::BadArgument(
+            "LUKS2 is for raw images (-f raw); qcow2 encryption is LUKS1, as QEMU's",
+        ));
+    }
+    if args.backing.is_some() || args.preallocation != PreallocArg::Off {
+        return Err(ToolError::BadArgument(
+            "LUKS2 images have no backing file or preallocation",
+        ));
+    }
+    if !size.is_multiple_of(u64::from(params.sector_size)) {
+        return Err(ToolError::BadArgument(
+            "the size must be a multiple of the sector size",
+        ));
+    }
+    let pass = args.encrypt.new_passphrase()?;
+    crate::image::luks::LuksImage::create_luks2(&args.file, size, params, &pass)?;
+    writeln!(
+        out,
+        "Formatting '{}', fmt=luks2 size={size} sector-size={}",
+        args.file.display(),
+        params.sector_size
     )?;
     Ok(0)
 }

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use super::tools::{OutputFormat, ToolError};
 use crate::image::{self, Format};
 use crate::qcow2::Header;
+use crate::storage::OpenFlags;
 
 /// Arguments of `info`.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,12 +29,18 @@ pub struct InfoArgs {
 
 /// The facts `qemu-img info --output=json` reports, under its field names.
 pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError> {
-    let st = super::tools::open_read_only(path)?;
+    let st = crate::rbd::open_storage(
+        path,
+        OpenFlags {
+            read_only: true,
+            direct: false,
+        },
+    )?;
     let format = match format {
         Some(f) => f,
-        None => image::detect_format(&st)?,
+        None => image::detect_format(&*st)?,
     };
-    let meta = std::fs::metadata(path)?;
+    let meta = StorageMeta::of(path, &*st)?;
     let mut v = Map::new();
     v.insert("filename".into(), json!(path.display().to_string()));
     v.insert("format".into(), json!(format.name()));
@@ -43,9 +50,23 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
             v.insert("virtual-size".into(), json!(meta.len()));
             v.insert("dirty-flag".into(), json!(false));
         }
+        Format::Luks if crate::crypto::luks::luks2::luks_version(st.as_ref())? == Some(2) => {
+            let h = crate::crypto::luks::luks2::Luks2Header::read(st.as_ref())
+                .map_err(|e| image::ImageError::from(crate::crypto::luks::LuksError::from(e)))?;
+            let seg = &h.meta.segment;
+            let unit = u64::from(seg.sector_size);
+            let size = seg.size.unwrap_or(meta.len().saturating_sub(seg.offset)) / unit * unit;
+            v.insert("virtual-size".into(), json!(size));
+            v.insert("encrypted".into(), json!(true));
+            v.insert("dirty-flag".into(), json!(false));
+            v.insert(
+                "format-specific".into(),
+                json!({"type": "luks2", "data": super::luks2_info::to_json(&h)}),
+            );
+        }
         Format::Luks => {
             let area =
-                crate::crypto::luks::LuksArea::whole(&st).map_err(image::ImageError::from)?;
+                crate::crypto::luks::LuksArea::whole(&*st).map_err(image::ImageError::from)?;
             let h = crate::crypto::luks::keyslot::read_header(&area)
                 .map_err(image::ImageError::from)?;
             let payload = h.payload_offset_bytes();
@@ -61,7 +82,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
             );
         }
         Format::Qcow2 => {
-            let h = Header::read(&st)?;
+            let h = Header::read(&*st)?;
             v.insert("virtual-size".into(), json!(h.size));
             v.insert("cluster-size".into(), json!(h.cluster_size()));
             v.insert("dirty-flag".into(), json!(h.is_dirty()));
@@ -102,7 +123,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                         .fde
                         .and_then(|(base, len)| {
                             let area =
-                                crate::crypto::luks::LuksArea::region(&st, base, len).ok()?;
+                                crate::crypto::luks::LuksArea::region(&*st, base, len).ok()?;
                             crate::crypto::luks::keyslot::read_header(&area).ok()
                         })
                         .map(|lh| super::keyslot::qemu_info_json(&lh));
@@ -122,7 +143,7 @@ pub fn info_json(path: &Path, format: Option<Format>) -> Result<Value, ToolError
                 "format-specific".into(),
                 json!({"type": "qcow2", "data": Value::Object(data)}),
             );
-            let snaps = crate::qcow2::snapshot_ops::read_table(&st, &h)?;
+            let snaps = crate::qcow2::snapshot_ops::read_table(&*st, &h)?;
             if !snaps.is_empty() {
                 v.insert("snapshots".into(), super::snapshot::info_json(&snaps));
             }
@@ -281,4 +302,36 @@ fn write_human(path: &Path, v: &Value, out: &mut dyn Write) -> Result<(), ToolEr
         }
     }
     Ok(())
+}
+
+/// The length and allocated bytes of the storage an image lives on: a file's metadata, or for an
+/// `rbd:` image its size (RBD does not report allocation cheaply; the size stands for both).
+struct StorageMeta {
+    len: u64,
+    allocated: u64,
+}
+
+impl StorageMeta {
+    fn of(path: &Path, st: &dyn crate::storage::Storage) -> Result<Self, ToolError> {
+        if path.to_str().is_some_and(crate::rbd::is_rbd) {
+            let len = st.len()?;
+            return Ok(StorageMeta {
+                len,
+                allocated: len,
+            });
+        }
+        let meta = std::fs::metadata(path)?;
+        Ok(StorageMeta {
+            len: meta.len(),
+            allocated: meta.blocks() * 512,
+        })
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn blocks(&self) -> u64 {
+        self.allocated / 512
+    }
 }

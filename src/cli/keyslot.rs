@@ -1,9 +1,12 @@
 //! `keyslot list|add|remove FILE`: LUKS keyslot management, the equivalent of QEMU's
 //! `qemu-img amend -o state=active|inactive,...` and cryptsetup's luksAddKey / luksKillSlot.
 //!
-//! Works on raw LUKS1 files and on qcow2 images with LUKS encryption (crypt_method 2), whose
-//! LUKS header lives in the region the full-disk-encryption header extension names. Passphrases come from `--key-secret-file F`, `--key-fd N` or a
-//! prompt on the terminal; never from argv. `remove` refuses to remove the last active slot.
+//! Works on raw LUKS1 and LUKS2 files and on qcow2 images with LUKS encryption (crypt_method
+//! 2), whose LUKS header lives in the region the full-disk-encryption header extension names.
+//! Passphrases come from `--key-secret-file F`, `--key-fd N` or a prompt on the terminal;
+//! never from argv. `remove` refuses to remove the last active slot. On LUKS2 both header
+//! copies are rewritten (sequence id + 1, primary first) and new keyslots use
+//! `--pbkdf argon2id|argon2i|pbkdf2` (default argon2id, calibrated to `--iter-time`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use crate::crypto::luks::{
     self, keyslot::read_header, Iterations, LuksArea, LuksError, LuksHeader, LuksVolume,
 };
 use crate::crypto::secret::{KeySource, SecretError};
-use crate::storage::{FileStorage, OpenFlags, Storage, StorageError};
+use crate::storage::{OpenFlags, Storage, StorageError};
 
 /// Errors of `keyslot`.
 #[derive(Debug, Error)]
@@ -44,6 +47,8 @@ pub enum KeyslotError {
     NotLuks { path: String, method: u32 },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
+    #[error("KDF options")]
+    KdfOptions(#[source] super::encrypt::EncryptArgsError),
     #[error("cannot open {path} for writing")]
     Locked {
         path: String,
@@ -61,9 +66,20 @@ pub struct KeyArgs {
     /// Read the passphrase from this inherited file descriptor, to its end.
     #[arg(long, value_name = "N", conflicts_with = "key_secret_file")]
     pub key_fd: Option<i32>,
+    /// Largest Argon2 memory cost (KiB) a LUKS2 keyslot may ask for before it is refused
+    /// (default 4 GiB).
+    #[arg(long, value_name = "KIB")]
+    pub kdf_max_memory: Option<u64>,
 }
 
 impl KeyArgs {
+    /// Applies `--kdf-max-memory` to the process-wide LUKS2 KDF limits.
+    pub fn apply_kdf_limits(&self) {
+        if let Some(kib) = self.kdf_max_memory {
+            crate::crypto::luks::luks2::kdf::set_max_memory_kib(kib);
+        }
+    }
+
     /// The source these options name (a terminal prompt if none).
     pub fn source(&self) -> KeySource {
         KeySource::from_options(self.key_secret_file.as_deref(), self.key_fd)
@@ -105,9 +121,11 @@ pub enum KeyslotCommand {
         key: KeyArgs,
         #[command(flatten)]
         new_key: NewKeyArgs,
-        /// PBKDF2 time for the new slot in milliseconds (as qemu-img's iter-time).
+        /// KDF time for the new slot in milliseconds (as qemu-img's iter-time).
         #[arg(long, value_name = "MS", default_value_t = luks::create::DEFAULT_ITER_TIME_MS)]
         iter_time: u64,
+        #[command(flatten)]
+        kdf: super::encrypt::Luks2KdfArgs,
     },
     /// Disable a keyslot and wipe its key material; refuses the last active one.
     Remove {
@@ -127,8 +145,8 @@ pub struct KeyslotArgs {
     pub command: KeyslotCommand,
 }
 
-fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotError> {
-    FileStorage::open(
+fn open_storage(path: &Path, read_only: bool) -> Result<Box<dyn Storage>, KeyslotError> {
+    crate::rbd::open_storage(
         path,
         OpenFlags {
             read_only,
@@ -142,15 +160,19 @@ fn open_storage(path: &Path, read_only: bool) -> Result<FileStorage, KeyslotErro
 }
 
 /// Opens `path` for writing with QEMU's write lock (refused while the image is in use).
+/// An `rbd:` image takes RBD's exclusive lock instead (src/rbd).
 fn open_storage_locked(
     path: &Path,
-) -> Result<(FileStorage, Option<crate::lock::ImageLock>), KeyslotError> {
-    crate::image::open_file_locked(path, false, crate::image::Locking::On).map_err(|source| {
-        KeyslotError::Locked {
+) -> Result<(Box<dyn Storage>, Option<crate::lock::ImageLock>), KeyslotError> {
+    if path.to_str().is_some_and(crate::rbd::is_rbd) {
+        return Ok((open_storage(path, false)?, None));
+    }
+    let (st, lock) = crate::image::open_file_locked(path, false, crate::image::Locking::On)
+        .map_err(|source| KeyslotError::Locked {
             path: path.display().to_string(),
             source,
-        }
-    })
+        })?;
+    Ok((Box::new(st), lock))
 }
 
 /// The LUKS area of an image file: the FDE region of a qcow2 image, else the whole file.
@@ -286,12 +308,102 @@ pub fn describe(h: &LuksHeader, format: OutputFormat) -> String {
     }
 }
 
+/// The LUKS2 header of a raw file, or None if it is not a raw LUKS2 file.
+fn luks2_header(
+    st: &dyn Storage,
+    path: &Path,
+) -> Result<Option<crate::crypto::luks::luks2::Luks2Header>, KeyslotError> {
+    let v = crate::crypto::luks::luks2::luks_version(st).map_err(|source| KeyslotError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if v != Some(2) {
+        return Ok(None);
+    }
+    let h = crate::crypto::luks::luks2::Luks2Header::read(st)
+        .map_err(|e| luks_err(path)(LuksError::from(e)))?;
+    Ok(Some(h))
+}
+
+fn l2(path: &Path) -> impl Fn(crate::crypto::luks::luks2::Luks2Error) -> KeyslotError + '_ {
+    move |e| luks_err(path)(LuksError::from(e))
+}
+
+/// Runs `keyslot` on a raw LUKS2 file.
+fn run_luks2(
+    command: KeyslotCommand,
+    st: &dyn Storage,
+    header: crate::crypto::luks::luks2::Luks2Header,
+    out: &mut dyn Write,
+) -> Result<(), KeyslotError> {
+    use crate::crypto::luks::luks2::Luks2Volume;
+    match command {
+        KeyslotCommand::List { output, .. } => {
+            out.write_all(super::luks2_info::describe(&header, output).as_bytes())
+                .map_err(KeyslotError::Output)?;
+        }
+        KeyslotCommand::Add {
+            file,
+            key,
+            new_key,
+            iter_time,
+            kdf,
+        } => {
+            key.apply_kdf_limits();
+            let choice = kdf
+                .choice(iter_time, luks::LuksHash::Sha256)
+                .map_err(KeyslotError::KdfOptions)?;
+            let pass = key
+                .source()
+                .read("Passphrase of an existing slot: ", false)?;
+            let mut vol = Luks2Volume::unlock_header(st, header, &pass).map_err(l2(&file))?;
+            drop(pass);
+            let new =
+                KeySource::from_options(new_key.new_key_secret_file.as_deref(), new_key.new_key_fd)
+                    .read("New passphrase: ", true)?;
+            let slot = vol.add_key(st, &new, choice).map_err(l2(&file))?;
+            writeln!(out, "added keyslot {slot}").map_err(KeyslotError::Output)?;
+        }
+        KeyslotCommand::Remove { file, key, slot } => {
+            key.apply_kdf_limits();
+            let pass = key.source().read("Passphrase: ", false)?;
+            let mut vol = Luks2Volume::unlock_header(st, header, &pass).map_err(l2(&file))?;
+            let slot = match slot {
+                Some(s) => u32::try_from(s).unwrap_or(u32::MAX),
+                None => vol.unlocked_slot().unwrap_or(0),
+            };
+            vol.remove_key(st, slot).map_err(l2(&file))?;
+            writeln!(out, "removed keyslot {slot}").map_err(KeyslotError::Output)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `keyslot`, writing any output to `out`.
 pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError> {
+    let (file, write) = match &args.command {
+        KeyslotCommand::List { file, .. } => (file.clone(), false),
+        KeyslotCommand::Add { file, .. } | KeyslotCommand::Remove { file, .. } => {
+            (file.clone(), true)
+        }
+    };
+    {
+        // Writes take QEMU's write lock, as for LUKS1 below.
+        let (st, lock) = if write {
+            open_storage_locked(&file)?
+        } else {
+            (open_storage(&file, true)?, None)
+        };
+        if let Some(h) = luks2_header(st.as_ref(), &file)? {
+            let r = run_luks2(args.command, st.as_ref(), h, out);
+            drop(lock);
+            return r;
+        }
+    }
     match args.command {
         KeyslotCommand::List { file, output } => {
             let st = open_storage(&file, true)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let h = read_header(&area).map_err(luks_err(&file))?;
             out.write_all(describe(&h, output).as_bytes())
                 .map_err(KeyslotError::Output)?;
@@ -301,9 +413,10 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
             key,
             new_key,
             iter_time,
+            ..
         } => {
             let (st, _lock) = open_storage_locked(&file)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let pass = key
                 .source()
                 .read("Passphrase of an existing slot: ", false)?;
@@ -319,7 +432,7 @@ pub fn run_to(args: KeyslotArgs, out: &mut dyn Write) -> Result<(), KeyslotError
         }
         KeyslotCommand::Remove { file, key, slot } => {
             let (st, _lock) = open_storage_locked(&file)?;
-            let area = luks_area(&st, &file)?;
+            let area = luks_area(&*st, &file)?;
             let pass = key.source().read("Passphrase: ", false)?;
             let mut vol = LuksVolume::unlock(&area, &pass).map_err(luks_err(&file))?;
             let slot = slot.or(vol.unlocked_slot()).unwrap_or(0);

@@ -108,10 +108,22 @@ impl<L: Log> Log for RateLimited<L> {
     }
 }
 
-/// Installs env_logger (default level `info`, `RUST_LOG` overrides) behind the rate limiter.
-pub fn init() {
+/// Installs env_logger (default `level`, `RUST_LOG` overrides) behind the rate limiter. Once
+/// `serve` has named its image and socket ([`super::set_log_context`]), every line carries them
+/// (several daemons can share one journal).
+pub fn init(level: log::LevelFilter) {
+    use std::io::Write;
     let inner =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level.as_str()))
+            .format(|buf, record| {
+                let ts = buf.timestamp();
+                let (l, t) = (record.level(), record.target());
+                match super::log_context() {
+                    Some(ctx) => writeln!(buf, "[{ts} {l} {t}] {ctx}: {}", record.args()),
+                    None => writeln!(buf, "[{ts} {l} {t}] {}", record.args()),
+                }
+            })
+            .build();
     let max = inner.filter();
     if log::set_boxed_logger(Box::new(RateLimited::new(inner))).is_ok() {
         log::set_max_level(max);

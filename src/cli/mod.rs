@@ -9,6 +9,7 @@ use thiserror::Error;
 pub mod access;
 pub mod check;
 pub mod compare;
+pub mod control;
 pub mod convert;
 pub mod create;
 pub mod create_opts;
@@ -17,12 +18,15 @@ pub mod generate;
 pub mod info;
 pub mod keyslot;
 pub mod log_filter;
+pub mod luks2_info;
 pub mod map;
 pub mod measure;
 pub mod rebase;
+pub mod resize;
 pub mod serve;
 pub mod snapshot;
 pub mod socket;
+pub mod stats;
 pub mod systemd;
 pub mod tools;
 
@@ -30,8 +34,24 @@ pub mod tools;
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-qcow2", version, about)]
 pub struct Cli {
+    /// Log level: error, warn, info, debug or trace (default info; RUST_LOG, if set, wins).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<log::LevelFilter>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// What every log line names after its level: the image and socket `serve` works on.
+static LOG_CONTEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the log-line context (once; later calls are ignored).
+pub fn set_log_context(ctx: String) {
+    let _ = LOG_CONTEXT.set(ctx);
+}
+
+/// The log-line context, if `serve` has set one.
+pub fn log_context() -> Option<&'static str> {
+    LOG_CONTEXT.get().map(String::as_str)
 }
 
 /// The subcommands.
@@ -59,6 +79,12 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Change the backing file of a qcow2 image (as `qemu-img rebase`).
     Rebase(rebase::RebaseArgs),
+    /// Ask a running daemon (its --control-socket): query, or resize the disk live.
+    Control(control::ControlArgs),
+    /// A running daemon's per-queue counters and latency histograms (text, JSON, Prometheus).
+    Stats(stats::StatsArgs),
+    /// Change an image's size offline (as `qemu-img resize`).
+    Resize(resize::ResizeArgs),
     /// Generate the manual pages or shell completions.
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -93,6 +119,9 @@ pub fn run(cli: Cli) -> Result<i32, Error> {
         Command::Snapshot(args) => snapshot::run(&args, &mut out)?,
         Command::Rebase(args) => rebase::run(&args, &mut out)?,
         Command::Generate(args) => generate::run(&args, &mut out)?,
+        Command::Control(args) => control::run(&args, &mut out)?,
+        Command::Stats(args) => stats::run(&args, &mut out)?,
+        Command::Resize(args) => resize::run(&args, &mut out)?,
         Command::Keyslot(args) => {
             keyslot::run_to(args, &mut out)?;
             0
@@ -113,4 +142,25 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+/// Backend program conventions (vhost-user.rst): management tools start a backend as
+/// `PROGRAM --socket-path PATH ...`, `PROGRAM --fd N ...` or `PROGRAM --print-capabilities`,
+/// without a subcommand. If the first argument is an option other than --help/--version, the
+/// arguments are taken as `serve`'s.
+pub fn with_implied_serve(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let implied = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        a.starts_with("--")
+            && !matches!(a, "--help" | "--version" | "--log-level")
+            && !a.starts_with("--log-level=")
+    });
+    if !implied {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    out.push("serve".into());
+    out.extend(it);
+    out
 }

@@ -15,8 +15,8 @@ use clap::Args;
 use thiserror::Error;
 
 use crate::image::{self, BlockImage, ImageError, OpenOptions};
-use crate::vhost_user::backend::{BackendError, BlkOptions};
 use crate::vhost_user::{self, DaemonError};
+use crate::virtio_blk::device::{BlkDevice, BlkOptions, DeviceError};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// Print the backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+    /// Serve a control socket (mode 0600, JSON lines: `query`, `resize`) at PATH; see
+    /// `vhost-user-qcow2 control`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Passphrase of an encrypted image (LUKS raw or in qcow2, legacy qcow2 AES). Without
     /// either option an encrypted image asks on the terminal, if there is one.
     #[command(flatten)]
@@ -126,7 +130,7 @@ pub enum ServeError {
         source: io::Error,
     },
     #[error("invalid options")]
-    Options(#[source] BackendError),
+    Options(#[source] DeviceError),
     #[error("seccomp")]
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("cannot set up signal handling")]
@@ -190,6 +194,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         data_file: args.access.data_file.clone(),
         locking: args.access.share.locking(),
     };
+    args.key.apply_kdf_limits();
     let given = args.key.key_secret_file.is_some() || args.key.key_fd.is_some();
     let secret = if given {
         forbid_core_dumps();
@@ -211,10 +216,13 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         source,
     })?);
     drop(secret);
+    // LUKS2 with 4096-byte encryption sectors needs 4096-byte logical blocks.
+    let opts = BlkOptions {
+        logical_block_size: opts.logical_block_size.max(image.min_block_size()),
+        ..opts
+    };
     // Validate the options against the image before creating the socket.
-    let probe_mem = vm_memory::GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new());
-    crate::vhost_user::backend::BlkBackend::new(image.clone(), &opts, probe_mem)
-        .map_err(ServeError::Options)?;
+    let dev = Arc::new(BlkDevice::new(image.clone(), &opts).map_err(ServeError::Options)?);
 
     let systemd_fd = super::systemd::listen_fd().map_err(ServeError::SocketActivation)?;
     let (listener, guard) = match (&args.socket_path, args.fd.or(systemd_fd)) {
@@ -229,21 +237,31 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
             ))
         }
     };
+    let socket_name = guard.0.as_ref().map_or_else(
+        || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
+        |p| p.display().to_string(),
+    );
+    // Every log line from here on names the image and the socket.
+    super::set_log_context(format!("{} on {socket_name}", image_path.display()));
     log::info!(
-        "serving {} ({} bytes{}) on {}",
-        image_path.display(),
+        "serving {} bytes{}",
         image.capacity(),
         if image.read_only() { ", read-only" } else { "" },
-        guard.0.as_ref().map_or_else(
-            || format!("fd {}", args.fd.or(systemd_fd).unwrap_or(-1)),
-            |p| p.display().to_string()
-        )
     );
 
     spawn_signal_thread(sigset, image.clone(), guard.0.clone()).map_err(ServeError::Signals)?;
     super::systemd::notify("READY=1");
+    let export = Arc::new(vhost_user::Export::new(dev));
+    export.set_names(&image_path.display().to_string(), &socket_name);
+    if let Some(path) = &args.control_socket {
+        vhost_user::control::spawn(path, export.clone()).map_err(|source| ServeError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!("control socket on {}", path.display());
+    }
     crate::sandbox::enter(crate::sandbox::ThreadKind::Main)?;
-    let r = vhost_user::serve(listener, image, &opts, args.once);
+    let r = vhost_user::serve(listener, export, args.once);
     drop(guard);
     Ok(r?)
 }

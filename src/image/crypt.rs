@@ -18,7 +18,7 @@ use crate::crypto::secret::Passphrase;
 use crate::crypto::sector::SectorCipher;
 use crate::crypto::SECTOR_SIZE;
 use crate::qcow2::{ClusterCrypt, CryptError, Qcow2Probe};
-use crate::storage::{FileStorage, OpenFlags, Storage};
+use crate::storage::{OpenFlags, Storage};
 
 const SECTOR: u64 = SECTOR_SIZE as u64;
 
@@ -115,7 +115,7 @@ impl ClusterCrypt for QcowAesClusterCrypt {
     }
 }
 
-/// Whether `storage` starts with the LUKS magic (any version; version 2 is refused on open).
+/// Whether `storage` starts with the LUKS magic (LUKS1 or LUKS2; both open as raw LUKS).
 pub fn is_luks(storage: &dyn Storage) -> Result<bool> {
     if storage.len()? < 6 {
         return Ok(false);
@@ -186,9 +186,9 @@ pub fn create_qcow2_luks(
     let area_len = crate::crypto::luks::create::area_len(&params.spec)?;
     let mut o = opts.clone();
     o.luks_header_len = Some(area_len);
-    let created = crate::qcow2::create::create(path, &o)?;
+    let created = crate::qcow2::create::create_on(crate::rbd::create_new(path)?, &o)?;
     let (base, len) = created.luks_region.ok_or(ImageError::Unsupported)?;
-    let storage = FileStorage::open(
+    let storage = crate::rbd::open_storage(
         path,
         OpenFlags {
             read_only: false,
@@ -196,7 +196,7 @@ pub fn create_qcow2_luks(
         },
     )?;
     let area = LuksArea {
-        storage: &storage,
+        storage: &*storage,
         base,
         len,
     };

@@ -46,4 +46,10 @@ impl BlockImage for LockedImage {
     fn discard_granularity(&self) -> u32 {
         self.image.discard_granularity()
     }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.image.resize(new_size)
+    }
+    fn min_block_size(&self) -> u32 {
+        self.image.min_block_size()
+    }
 }

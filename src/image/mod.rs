@@ -95,6 +95,17 @@ pub trait BlockImage: Send + Sync {
     fn discard_granularity(&self) -> u32 {
         512
     }
+    /// Changes the disk size to `new_size` bytes (a multiple of 512) while it is served (live
+    /// resize; the caller decides whether shrinking is allowed). Formats that cannot resize
+    /// keep the default.
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        Err(ImageError::Unsupported)
+    }
+    /// Smallest logical block size the image can serve (LUKS2 with 4096-byte encryption
+    /// sectors: 4096); the daemon advertises at least this.
+    fn min_block_size(&self) -> u32 {
+        512
+    }
 }
 
 /// Checks that `offset..offset+len` lies within `capacity`.
@@ -299,7 +310,7 @@ fn open_file(
 /// Resolves a backing file name as QEMU does: absolute, or relative to the overlay's directory.
 pub fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
-    if p.is_absolute() {
+    if p.is_absolute() || crate::rbd::is_rbd(name) {
         p.to_path_buf()
     } else {
         overlay.parent().unwrap_or(Path::new("")).join(p)
@@ -329,10 +340,21 @@ fn open_chain(
     }
     chain.push(canon);
     // Probe through the page cache: O_DIRECT refuses the small unaligned header reads.
-    let storage = open_file(path, opts.read_only, opts.locking, ctx)?;
+    // A file (locked as QEMU locks files), or an RBD image for an `rbd:` name (src/rbd: RBD's
+    // exclusive lock instead).
+    let storage: Box<dyn Storage> = match path.to_str() {
+        Some(s) if crate::rbd::is_rbd(s) => crate::rbd::open_storage(
+            path,
+            OpenFlags {
+                read_only: opts.read_only,
+                direct: false,
+            },
+        )?,
+        _ => Box::new(open_file(path, opts.read_only, opts.locking, ctx)?),
+    };
     let format = match opts.format {
         Some(f) => f,
-        None => detect_format(&storage)?,
+        None => detect_format(&*storage)?,
     };
     if opts.direct && format != Format::Raw {
         // Metadata and crypto paths do small, unaligned I/O that O_DIRECT refuses.
@@ -343,7 +365,8 @@ fn open_chain(
     match format {
         Format::Raw => {
             let storage = if opts.direct {
-                FileStorage::open(
+                drop(storage); // an RBD image's lock is held by one handle at a time
+                crate::rbd::open_storage(
                     path,
                     OpenFlags {
                         read_only: opts.read_only,
@@ -353,7 +376,7 @@ fn open_chain(
             } else {
                 storage
             };
-            let raw = raw::RawImage::new(Box::new(storage) as Box<dyn Storage>, opts.read_only)?;
+            let raw = raw::RawImage::new(storage, opts.read_only)?;
             // As QEMU's raw driver with `bs->probed`: the guest may not make a probed raw image
             // probe as something else on the next open.
             Ok(Box::new(if opts.format.is_none() {
@@ -363,17 +386,17 @@ fn open_chain(
             }))
         }
         Format::Luks => Ok(Box::new(crypt::open_raw_luks(
-            Box::new(storage),
+            storage,
             opts.read_only,
             secret,
         )?)),
         Format::Qcow2 => {
-            let probe = crate::qcow2::probe(&storage)?;
-            let crypt = crypt::qcow2_crypt(&storage, &probe, secret)?;
+            let probe = crate::qcow2::probe(&*storage)?;
+            let crypt = crypt::qcow2_crypt(&*storage, &probe, secret)?;
             let backing = open_backing(path, &probe.header, opts, secret, ctx)?;
             let data = open_data_file(path, &probe.header, opts, ctx)?;
             let q = crate::qcow2::Qcow2::open_with_data_file(
-                Box::new(storage),
+                storage,
                 data,
                 &crate::qcow2::Qcow2Options {
                     read_only: opts.read_only,

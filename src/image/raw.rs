@@ -1,6 +1,7 @@
 //! Raw images: guest offset = file offset.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{check_range, iov_len, BlockImage, ImageError, Result};
 use crate::storage::Storage;
@@ -8,7 +9,8 @@ use crate::storage::Storage;
 /// A raw image file.
 pub struct RawImage {
     storage: Box<dyn Storage>,
-    capacity: u64,
+    /// Changes only on live resize.
+    capacity: AtomicU64,
     read_only: bool,
     probed: bool,
 }
@@ -19,7 +21,7 @@ impl RawImage {
         let capacity = storage.len()? & !511;
         Ok(Self {
             storage,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             read_only,
             probed: false,
         })
@@ -45,7 +47,7 @@ impl RawImage {
         let mut pos = usize::try_from(offset).map_err(|_| ImageError::OutOfRange {
             offset,
             len: iov_len(bufs),
-            capacity: self.capacity,
+            capacity: self.capacity(),
         })?;
         for b in bufs {
             if pos >= PROBE_LEN_USIZE {
@@ -93,7 +95,7 @@ const PROBE_LEN_USIZE: usize = 512;
 
 impl BlockImage for RawImage {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
@@ -101,7 +103,7 @@ impl BlockImage for RawImage {
     }
 
     fn read(&self, offset: u64, bufs: &mut [IoSliceMut<'_>]) -> Result<()> {
-        check_range(offset, iov_len(bufs), self.capacity)?;
+        check_range(offset, iov_len(bufs), self.capacity())?;
         Ok(self.storage.readv_at(bufs, offset)?)
     }
 
@@ -109,7 +111,7 @@ impl BlockImage for RawImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, iov_len(bufs), self.capacity)?;
+        check_range(offset, iov_len(bufs), self.capacity())?;
         self.check_probe(offset, bufs)?;
         Ok(self.storage.writev_at(bufs, offset)?)
     }
@@ -125,7 +127,7 @@ impl BlockImage for RawImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         Ok(self.storage.punch_hole(offset, len)?)
     }
 
@@ -133,12 +135,36 @@ impl BlockImage for RawImage {
         if self.read_only {
             return Err(ImageError::ReadOnly);
         }
-        check_range(offset, len, self.capacity)?;
+        check_range(offset, len, self.capacity())?;
         if unmap {
             Ok(self.storage.punch_hole(offset, len)?)
         } else {
             Ok(self.storage.write_zeroes(offset, len)?)
         }
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if self.read_only {
+            return Err(ImageError::ReadOnly);
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(ImageError::OutOfRange {
+                offset: new_size,
+                len: 0,
+                capacity: self.capacity(),
+            });
+        }
+        let old = self.capacity();
+        if new_size < old {
+            // Shrink: requests past the new end fail from now on, then the file is cut.
+            self.capacity.store(new_size, Ordering::Release);
+            self.storage.set_len(new_size)?;
+        } else {
+            self.storage.set_len(new_size)?;
+            self.capacity.store(new_size, Ordering::Release);
+        }
+        self.storage.sync()?;
+        Ok(())
     }
 }
 

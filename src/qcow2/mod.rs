@@ -24,6 +24,7 @@ pub mod engine;
 pub mod header;
 mod iov;
 pub mod metadata;
+pub mod resize;
 pub mod snapshot_ops;
 pub mod stream;
 pub mod types;

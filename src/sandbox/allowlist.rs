@@ -77,23 +77,30 @@ const IMAGE_IO: &[i64] = &[
     libc::SYS_lseek,
 ];
 
-/// Event loops: waiting on epoll, reading kick / exit eventfds.
+/// Event loops: waiting on epoll or poll, reading kick / exit eventfds.
 const EVENTS: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
     libc::SYS_read,
 ];
 
 /// Creating event loops and eventfds (the queue workers get theirs from the main thread).
 const EVENT_SETUP: &[i64] = &[libc::SYS_epoll_create1, libc::SYS_eventfd2];
 
-/// The vhost-user protocol: messages with fds, memory tables, rings.
+/// The vhost-user protocol: messages with fds, memory tables, rings, the in-flight memfd, the
+/// backend request channel (CONFIG_CHANGE_MSG and its reply, with a timeout).
 const PROTOCOL: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
     libc::SYS_shutdown,
-    libc::SYS_fcntl,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_memfd_create,
 ];
 
 /// Creating and joining threads.
@@ -120,7 +127,8 @@ const SIGNALS: &[i64] = &[libc::SYS_rt_sigtimedwait, libc::SYS_unlink];
 /// (`socket` is allowed for AF_UNIX only, see [`argument_rules`]).
 const NOTIFY: &[i64] = &[libc::SYS_socket, libc::SYS_sendto];
 
-/// The control socket: accept, read a command, answer.
+/// The control socket: accept, read a command with a timeout, answer; a resize tells the
+/// frontend through the backend request channel.
 const CONTROL: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_read,
@@ -129,8 +137,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,
     libc::SYS_shutdown,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
 ];
 
 fn lists(kind: ThreadKind) -> Vec<&'static [i64]> {

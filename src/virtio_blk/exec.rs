@@ -9,6 +9,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::GuestMemoryBackend;
 
 use super::request::{self, Limits, Parsed, Request, RequestError, RequestKind, Scratch};
+use super::stats::{Kind, QueueStats};
 use super::{ID_BYTES, STATUS_IOERR as IOERR, STATUS_OK, STATUS_UNSUPP as UNSUPP};
 use crate::image::{BlockImage, ImageError};
 
@@ -228,8 +229,27 @@ pub fn handle_chain<M: GuestMemoryBackend>(
     dev: &Device<'_>,
     queue: usize,
 ) -> u32 {
-    match request::parse(mem, descs, dev.limits, scratch) {
+    handle_chain_counted(mem, descs, scratch, image, dev, queue, None)
+}
+
+/// [`handle_chain`], counting the request in `stats` when given.
+pub fn handle_chain_counted<M: GuestMemoryBackend>(
+    mem: &M,
+    descs: impl Iterator<Item = Descriptor>,
+    scratch: &mut Scratch,
+    image: &dyn BlockImage,
+    dev: &Device<'_>,
+    queue: usize,
+    stats: Option<&QueueStats>,
+) -> u32 {
+    let started = stats.map(|s| {
+        s.started();
+        std::time::Instant::now()
+    });
+    let (kind, bytes, status, used) = match request::parse(mem, descs, dev.limits, scratch) {
         Parsed::Ok(mut req) => {
+            let kind = Kind::from(req.kind);
+            let bytes = req.data_len();
             let (status, written) = match execute(image, &mut req, dev) {
                 Ok(n) => (STATUS_OK, n),
                 Err(e) => {
@@ -239,17 +259,23 @@ pub fn handle_chain<M: GuestMemoryBackend>(
                 }
             };
             req.status.write(status);
-            u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+            let used = u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX);
+            (kind, bytes, Some(status), used)
         }
         Parsed::Invalid { status, error } => {
             let e = BlkError::Request(error);
             log_error(queue, &e);
-            status.write(status_of(&e));
-            1
+            let code = status_of(&e);
+            status.write(code);
+            (Kind::Invalid, 0, Some(code), 1)
         }
         Parsed::Dropped(error) => {
             log_error(queue, &BlkError::Request(error));
-            0
+            (Kind::Invalid, 0, None, 0)
         }
+    };
+    if let (Some(s), Some(t)) = (stats, started) {
+        s.finished(kind, bytes, status, t.elapsed());
     }
+    used
 }

@@ -9,10 +9,14 @@
 //! - [`exec`] executes a parsed request against the image and maps every error to exactly one
 //!   `VIRTIO_BLK_S_*` status in one exhaustive match.
 //! - [`config`] is the device configuration space (`struct virtio_blk_config`).
+//! - [`device`] is the device model: offered features, configuration, limits, write cache and
+//!   capacity (which live resize changes); [`stats`] its per-queue counters.
 
 pub mod config;
+pub mod device;
 pub mod exec;
 pub mod request;
+pub mod stats;
 
 /// The unit of virtio-blk sector numbers, whatever the logical block size.
 pub const SECTOR_SIZE: u64 = 512;

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::vm::{
-    boot_guest, build_guest, file_tail, md5_file, md5_hex, run_checked, temp_dir, which, Reaped,
-    Serial, QUEUES,
+    boot_guest, boot_guest_with, build_guest, file_tail, md5_file, md5_hex, run_checked, temp_dir,
+    which, Reaped, Serial, QUEUES,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -38,6 +38,15 @@ const POKES: [Fill; 2] = [
     Fill::new(PATTERN_OFFSET + PATTERN_LEN + 20 * KIB, 4 * KIB, 0xc3),
     Fill::new(150 * MIB + 3 * KIB, KIB, 0xe7),
 ];
+/// [`POKES`] widened to whole blocks of `bs` bytes (unchanged for 512).
+fn pokes(bs: u64) -> [Fill; 2] {
+    POKES.map(|p| {
+        let start = p.offset / bs * bs;
+        let end = (p.offset + p.len).div_ceil(bs) * bs;
+        Fill::new(start, end - start, p.byte)
+    })
+}
+
 /// Regions the guest hashes after its writes (O_DIRECT, whole MiB), compared with what the host
 /// expects there: host-written data, the guest's own pattern and pokes, and the base image's
 /// content seen through an overlay.
@@ -201,6 +210,26 @@ pub struct ImageCase {
     /// The image is encrypted: the plaintext patterns the guest and the host wrote must not
     /// appear anywhere in the file.
     pub encrypted: bool,
+    /// Logical block size the guest sees (4096 for LUKS2 with 4 KiB encryption sectors): the
+    /// guest's small writes are widened to it.
+    pub block_size: u64,
+    /// For formats QEMU cannot open (LUKS2): how the host writes and reads plaintext instead of
+    /// qemu-io / qemu-img on the image (then qemu-io checks a plaintext raw export).
+    pub plain: Option<PlainAccess>,
+    /// Where the image lives when not in the test's temp dir: an `rbd:POOL/IMAGE:conf=…` name
+    /// (QEMU's tools reach it with `file.driver=rbd`).
+    pub location: Option<PathBuf>,
+}
+
+/// Writes `len` bytes of `byte` at `offset` of the guest disk of an image.
+pub type PlainFill = Box<dyn Fn(&Path, u64, u64, u8) -> Result<(), String>>;
+/// Writes the whole guest disk's plaintext of an image (first path) to a raw file.
+pub type PlainExport = Box<dyn Fn(&Path, &Path) -> Result<(), String>>;
+
+/// Host-side plaintext access for formats QEMU's tools cannot open.
+pub struct PlainAccess {
+    pub fill: PlainFill,
+    pub export: PlainExport,
 }
 
 impl ImageCase {
@@ -220,6 +249,9 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: false,
             encrypted: false,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -236,6 +268,9 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: true,
             encrypted: false,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -271,6 +306,9 @@ impl ImageCase {
             base: Some(Vec::new()),
             qemu_img_check: true,
             encrypted: true,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -302,6 +340,9 @@ impl ImageCase {
             base: None,
             qemu_img_check: false,
             encrypted: true,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
@@ -349,13 +390,17 @@ impl ImageCase {
             base: Some(BASE_FILLS.to_vec()),
             qemu_img_check: true,
             encrypted: false,
+            block_size: 512,
+            plain: None,
+            location: None,
         }
     }
 
     fn image_opts(&self, image: &Path) -> String {
         format!(
-            "{},file.driver=file,file.filename={}",
+            "{},file.driver={},file.filename={}",
             self.format_opts,
+            file_driver(image),
             image.display()
         )
     }
@@ -476,7 +521,7 @@ fn qemu_img_create(args: &[&str], path: &Path, size: u64) -> Result<(), String> 
 }
 
 /// The shell script the guest runs (see tests/guest/init for what it provides).
-fn guest_script() -> String {
+fn guest_script(bs: u64) -> String {
     let mut script = format!(
         "\
 t() {{ echo \"E2E-TIME $1 $(cut -d' ' -f1 /proc/uptime)\"; }}
@@ -498,7 +543,7 @@ t pattern-done
         plen = PATTERN_LEN,
         pbyte = PATTERN_BYTE,
     );
-    for p in POKES {
+    for p in pokes(bs) {
         let _ = writeln!(script, "w {} {} {} {:#04x}", p.offset, p.len, p.len, p.byte);
     }
     let _ = writeln!(script, "e2e_md5 fio 0 {FIO_REGION}");
@@ -515,20 +560,33 @@ print \"E2E-IRQ\", $NF, s }' /proc/interrupts
 }
 
 /// What the disk must hold after [`guest_script`] ran on an image that read as `base`.
-fn expected_layout(base: Option<&[Fill]>) -> Vec<Region> {
+fn expected_layout(base: Option<&[Fill]>, bs: u64) -> Vec<Region> {
     let mut writes = vec![
         (PREFILL_OFFSET, PREFILL_LEN, Some(PREFILL_BYTE)),
         (0, FIO_REGION, None),
         (PATTERN_OFFSET, PATTERN_LEN, Some(PATTERN_BYTE)),
     ];
-    writes.extend(POKES.iter().map(|p| (p.offset, p.len, Some(p.byte))));
+    writes.extend(pokes(bs).iter().map(|p| (p.offset, p.len, Some(p.byte))));
     layout(base, &writes)
 }
 
 /// The default [`QsdView`]: the image file under the case's format options.
+/// QEMU's protocol driver for an image location: `rbd` for an `rbd:` name, else `file`.
+fn file_driver(image: &Path) -> &'static str {
+    if image.to_str().is_some_and(|s| s.starts_with("rbd:")) {
+        "rbd"
+    } else {
+        "file"
+    }
+}
+
 fn qsd_blockdevs(format_opts: &str, file: &Path) -> Vec<String> {
     vec![
-        format!("driver=file,filename={},node-name=f", file.display()),
+        format!(
+            "driver={},filename={},node-name=f",
+            file_driver(file),
+            file.display()
+        ),
         format!("{format_opts},file=f,node-name=d"),
     ]
 }
@@ -611,6 +669,8 @@ struct GuestReport {
     md5: Vec<(String, String)>,
     irqs: Vec<(String, u64)>,
     queues: Option<u32>,
+    /// The guest's logical block size of the disk.
+    lbs: Option<u64>,
     init_uptime: Option<f64>,
     done_uptime: Option<f64>,
     /// `E2E-TIME <step> <uptime>` markers.
@@ -640,6 +700,10 @@ fn parse_report(lines: &[String]) -> GuestReport {
                 }
             }
             Some("E2E-DISK:") => {
+                r.lbs = line[pos..]
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("lbs="))
+                    .and_then(|q| q.parse().ok());
                 r.queues = words
                     .find_map(|w| w.strip_prefix("queues="))
                     .and_then(|q| q.parse().ok());
@@ -884,28 +948,43 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
     let t_built = Instant::now();
 
     let dir = temp_dir();
-    let image = dir.path().join(format!("disk.{}", case.name));
+    let image = case
+        .location
+        .clone()
+        .unwrap_or_else(|| dir.path().join(format!("disk.{}", case.name)));
     let socket = dir.path().join("vhost.sock");
     let backend_log = dir.path().join("backend.log");
     let backing_files = (case.create)(&image, DISK_SIZE)
         .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
 
-    let qemu_io = |cmds: &[String]| case.qemu_io(&image, cmds);
-    let (ok, text) = qemu_io(&[format!(
-        "write -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"
-    )]);
-    assert!(ok, "qemu-io prefill failed:\n{text}");
+    let raw = dir.path().join("export.raw");
+    // Formats QEMU cannot open are checked through a plaintext raw export.
+    let qemu_io = |cmds: &[String]| match &case.plain {
+        None => case.qemu_io(&image, cmds),
+        Some(_) => ImageCase::raw().qemu_io(&raw, cmds),
+    };
+    match &case.plain {
+        None => {
+            let (ok, text) = qemu_io(&[format!(
+                "write -P {PREFILL_BYTE:#04x} {PREFILL_OFFSET} {PREFILL_LEN}"
+            )]);
+            assert!(ok, "qemu-io prefill failed:\n{text}");
+        }
+        Some(p) => (p.fill)(&image, PREFILL_OFFSET, PREFILL_LEN, PREFILL_BYTE)
+            .unwrap_or_else(|e| panic!("prefill: {e}")),
+    }
     let backing_md5: Vec<String> = backing_files.iter().map(|f| md5_file(f)).collect();
 
     let mut daemon = start_backend(backend, case, qsd_view, &image, &socket, &backend_log, true);
 
-    let guest = boot_guest(&kernel, &initrd, &socket, &guest_script()).unwrap_or_else(|e| {
-        panic!(
-            "{e}\n--- {} log tail:\n{}",
-            backend.name(),
-            file_tail(&backend_log, 30)
-        )
-    });
+    let guest = boot_guest(&kernel, &initrd, &socket, &guest_script(case.block_size))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n--- {} log tail:\n{}",
+                backend.name(),
+                file_tail(&backend_log, 30)
+            )
+        });
     let qemu_status = guest.status;
     let guest_secs = guest.secs;
     let serial = Serial(Arc::new(Mutex::new(guest.serial)));
@@ -942,6 +1021,12 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
         fail(&format!(
             "the guest saw {:?} queues, expected {QUEUES}",
             report.queues
+        ));
+    }
+    if report.lbs != Some(case.block_size) {
+        fail(&format!(
+            "the guest saw a {:?}-byte logical block size, expected {}",
+            report.lbs, case.block_size
         ));
     }
     let used: Vec<_> = report.irqs.iter().filter(|(_, n)| *n > 0).collect();
@@ -990,20 +1075,23 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
 
     // The bytes must be in the image: fixed patterns with qemu-io (the guest's where it wrote,
     // the image's earlier content everywhere else), the fio region by hash.
-    let expect = expected_layout(case.base.as_deref());
+    let expect = expected_layout(case.base.as_deref(), case.block_size);
+    match &case.plain {
+        None => {
+            let mut convert = Command::new("qemu-img");
+            convert
+                .arg("convert")
+                .args(case.object_args())
+                .arg("--image-opts")
+                .arg(case.image_opts(&image))
+                .args(["-O", "raw"])
+                .arg(&raw);
+            run_checked(&mut convert);
+        }
+        Some(p) => (p.export)(&image, &raw).unwrap_or_else(|e| panic!("export: {e}")),
+    }
     let (ok, text) = qemu_io(&read_pattern_cmds(&expect));
     assert!(ok, "qemu-io pattern checks failed:\n{text}");
-
-    let raw = dir.path().join("export.raw");
-    let mut convert = Command::new("qemu-img");
-    convert
-        .arg("convert")
-        .args(case.object_args())
-        .arg("--image-opts")
-        .arg(case.image_opts(&image))
-        .args(["-O", "raw"])
-        .arg(&raw);
-    run_checked(&mut convert);
     let exported = std::fs::read(&raw).expect("read export");
     let at = |offset: u64, len: u64| {
         let a = usize::try_from(offset).expect("fits");
@@ -1075,6 +1163,297 @@ fn run(case: &ImageCase, backend: Backend, qsd_view: Option<&QsdView>) -> Outcom
         report.irqs
     );
     Outcome::Passed
+}
+
+/// Lines of `log` that contain `needle`.
+fn count_in_log(log: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .map(|t| t.lines().filter(|l| l.contains(needle)).count())
+        .unwrap_or(0)
+}
+
+/// Waits until `log` has at least `n` lines containing `needle`; false on timeout.
+fn wait_for_log(log: &Path, needle: &str, n: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if count_in_log(log, needle) >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A guest runs fio randwrite with crc32c verification on both queues while our daemon is
+/// SIGKILLed and restarted `kills` times under it (QEMU reconnects with `reconnect-ms=500` and
+/// hands the in-flight region back): fio must finish with its verification passing, the guest's
+/// kernel must log no I/O error, and `qemu-img check` must be clean.
+pub fn run_guest_kill_restart(case: &ImageCase, kills: usize) {
+    if let Gate::Skip(why) = gate(Backend::Daemon) {
+        eprintln!("SKIPPED e2e kill-restart {}: {why}", case.name);
+        return;
+    }
+    let (kernel, initrd) = build_guest();
+    let dir = temp_dir();
+    let image = dir.path().join(format!("disk.{}", case.name));
+    let socket = dir.path().join("vhost.sock");
+    (case.create)(&image, DISK_SIZE)
+        .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
+    let log_of = |i: usize| dir.path().join(format!("daemon.{i}.log"));
+    // Long enough that the kills land while fio writes: ~8k random 4 KiB writes per job.
+    let script = "fio --name=kr --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs=4k --size=32M --numjobs=2 --offset_increment=128M --iodepth=16 \
+         --verify=crc32c --verify_fatal=1 --group_reporting --output-format=terse \
+         >/tmp/fio.out 2>&1 || { cat /tmp/fio.out; exit 1; }
+         grep -c . /tmp/fio.out
+         if dmesg | grep -i 'I/O error'; then echo 'guest logged I/O errors'; exit 1; fi
+";
+    let mut killed = 0;
+    let (run, mut daemon) = std::thread::scope(|scope| {
+        let guest =
+            scope.spawn(|| boot_guest_with(&kernel, &initrd, &socket, script, ",reconnect-ms=500"));
+        let mut daemon = start_backend(
+            Backend::Daemon,
+            case,
+            None,
+            &image,
+            &socket,
+            &log_of(0),
+            false,
+        );
+        for i in 0..kills {
+            // Both queues running, and fio well under way (longer for the first boot).
+            if !wait_for_log(&log_of(i), "queue 1 started", 1, Duration::from_secs(120))
+                || guest.is_finished()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(if i == 0 { 4000 } else { 1500 }));
+            if guest.is_finished() {
+                break;
+            }
+            daemon.signal(libc::SIGKILL);
+            let _ = daemon.wait_timeout(Duration::from_secs(10));
+            killed += 1;
+            daemon = start_backend(
+                Backend::Daemon,
+                case,
+                None,
+                &image,
+                &socket,
+                &log_of(i + 1),
+                false,
+            );
+        }
+        (guest.join().expect("guest thread"), daemon)
+    });
+    let logs = || {
+        (0..=kills)
+            .map(|i| format!("--- daemon {i}:\n{}", file_tail(&log_of(i), 15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let run = run.unwrap_or_else(|e| panic!("guest: {e}\n{}", logs()));
+    let report = parse_report(&run.serial);
+    let kernel_errors: Vec<&String> = run
+        .serial
+        .iter()
+        .filter(|l| l.contains("I/O error") || l.contains("blk_update_request"))
+        .collect();
+    if !run.status.success() || !report.passed || !kernel_errors.is_empty() {
+        let start = run.serial.len().saturating_sub(60);
+        panic!(
+            "guest failed (QEMU {}); serial log tail:\n{}\n{}",
+            run.status,
+            run.serial[start..].join("\n"),
+            logs()
+        );
+    }
+    let n = killed;
+    assert_eq!(
+        n,
+        kills,
+        "fio finished before all kills happened:\n{}",
+        logs()
+    );
+    let resubmitted: usize = (1..=kills)
+        .map(|i| count_in_log(&log_of(i), "resubmitting"))
+        .sum();
+    eprintln!(
+        "kill-restart {}: {n} SIGKILLs under fio, {resubmitted} queue restarts resubmitted \
+         in-flight requests, guest done in {:.1} s",
+        case.name, run.secs
+    );
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_timeout(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "daemon did not exit cleanly on SIGTERM:\n{}",
+        logs()
+    );
+    if case.qemu_img_check {
+        // SIGKILL may leak clusters (allocated, not yet referenced): qemu-img check exits 3 for
+        // leaks only, 2 for corruption. Corruption fails the test; leaks are counted, repaired
+        // with qemu-img's own `-r leaks`, and the image must then check clean.
+        let check = |repair: bool| {
+            let out = Command::new("qemu-img")
+                .arg("check")
+                .args(repair.then_some(["-r", "leaks"]).into_iter().flatten())
+                .args(case.object_args())
+                .arg("--image-opts")
+                .arg(case.image_opts(&image))
+                .output()
+                .expect("spawn qemu-img check");
+            (
+                out.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        };
+        let (code, text) = check(false);
+        assert!(
+            matches!(code, Some(0 | 3)),
+            "qemu-img check after {kills} SIGKILLs: exit {code:?} (corruption):\n{text}"
+        );
+        if code == Some(3) {
+            let leaks = text
+                .lines()
+                .filter(|l| l.starts_with("Leaked cluster"))
+                .count();
+            eprintln!(
+                "kill-restart {}: {leaks} leaked cluster(s) after SIGKILL, repairing",
+                case.name
+            );
+            let (code, text) = check(true);
+            assert_eq!(
+                code,
+                Some(0),
+                "qemu-img check -r leaks did not leave it clean:\n{text}"
+            );
+        }
+    }
+}
+
+/// Live resize under guest I/O: the guest runs fio verify on the start of the disk while the
+/// host grows the image through the daemon's control socket; the guest must see the new size
+/// in /sys/block/vda/size, write and verify the new tail; `qemu-img info` must show the size.
+pub fn run_guest_live_resize(case: &ImageCase, new_size: u64) {
+    if let Gate::Skip(why) = gate(Backend::Daemon) {
+        eprintln!("SKIPPED e2e live resize {}: {why}", case.name);
+        return;
+    }
+    let (kernel, initrd) = build_guest();
+    let dir = temp_dir();
+    let image = dir.path().join(format!("disk.{}", case.name));
+    let socket = dir.path().join("vhost.sock");
+    let control = dir.path().join("control.sock");
+    let log = dir.path().join("daemon.log");
+    (case.create)(&image, DISK_SIZE)
+        .unwrap_or_else(|e| panic!("creating the {} image: {e}", case.name));
+    let mut with_control = case.daemon_args.clone();
+    with_control.extend(["--control-socket".to_owned(), control.display().to_string()]);
+    let case_c = ImageCase {
+        name: case.name,
+        format_opts: case.format_opts.clone(),
+        objects: case.objects.clone(),
+        daemon_args: with_control,
+        create: Box::new(|_, _| Ok(Vec::new())),
+        base: None,
+        qemu_img_check: case.qemu_img_check,
+        encrypted: case.encrypted,
+        block_size: case.block_size,
+        // Live resize runs on formats QEMU opens: no plaintext side channel needed.
+        plain: None,
+        location: case.location.clone(),
+    };
+    let old_sectors = DISK_SIZE / 512;
+    let new_sectors = new_size / 512;
+    let tail = new_size - DISK_SIZE;
+    let script = format!(
+        "fio --name=bg --filename=$DEV --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \\
+           --size=32M --iodepth=8 --verify=crc32c --verify_fatal=1 --output-format=terse \\
+           >/tmp/bg.out 2>&1 &
+         bg=$!
+         i=0
+         while [ \"$(cat /sys/block/vda/size)\" = {old_sectors} ]; do
+           sleep 0.2; i=$((i+1)); [ $i -lt 600 ] || {{ echo 'size never changed'; exit 1; }}
+         done
+         echo E2E-SIZE $(cat /sys/block/vda/size)
+         [ \"$(cat /sys/block/vda/size)\" = {new_sectors} ] || {{ echo 'wrong new size'; exit 1; }}
+         fio --name=tail --filename=$DEV --direct=1 --ioengine=libaio --rw=write --bs=64k \\
+           --offset={DISK_SIZE} --size={tail} --verify=crc32c --verify_fatal=1 \\
+           --output-format=terse >/tmp/tail.out 2>&1 || {{ cat /tmp/tail.out; exit 1; }}
+         wait $bg || {{ cat /tmp/bg.out; exit 1; }}
+         if dmesg | grep -i 'I/O error'; then exit 1; fi
+"
+    );
+    let mut daemon = start_backend(Backend::Daemon, &case_c, None, &image, &socket, &log, false);
+    let answer = std::thread::scope(|scope| {
+        let guest = scope.spawn(|| boot_guest(&kernel, &initrd, &socket, &script));
+        let answer = if wait_for_log(&log, "queue 1 started", 1, Duration::from_secs(120)) {
+            std::thread::sleep(Duration::from_millis(3000));
+            let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-qcow2"))
+                .arg("control")
+                .arg(&control)
+                .arg("resize")
+                .arg(new_size.to_string())
+                .output()
+                .expect("spawn control");
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        } else {
+            "the guest never started its queues".to_owned()
+        };
+        (guest.join().expect("guest thread"), answer)
+    });
+    let (run, answer) = answer;
+    let run = run.unwrap_or_else(|e| panic!("guest: {e}\n{}", file_tail(&log, 30)));
+    let report = parse_report(&run.serial);
+    if !run.status.success() || !report.passed {
+        let start = run.serial.len().saturating_sub(60);
+        panic!(
+            "guest failed (QEMU {}); control said: {answer}\nserial log tail:\n{}\n--- daemon:\n{}",
+            run.status,
+            run.serial[start..].join("\n"),
+            file_tail(&log, 30)
+        );
+    }
+    assert!(
+        answer.contains("\"guest-notified\": true"),
+        "control resize answer: {answer}"
+    );
+    daemon.signal(libc::SIGTERM);
+    let _ = daemon.wait_timeout(Duration::from_secs(10));
+    let mut info = Command::new("qemu-img");
+    info.arg("info")
+        .args(case.object_args())
+        .arg("--output=json")
+        .arg("--image-opts")
+        .arg(case.image_opts(&image));
+    let text = run_checked(&mut info);
+    assert!(
+        text.contains(&format!("\"virtual-size\": {new_size}")),
+        "qemu-img info does not show {new_size} bytes:\n{text}"
+    );
+    if case.qemu_img_check {
+        let mut check = Command::new("qemu-img");
+        check
+            .arg("check")
+            .args(case.object_args())
+            .arg("--image-opts")
+            .arg(case.image_opts(&image));
+        run_checked(&mut check);
+    }
+    eprintln!(
+        "live resize {}: guest saw {new_sectors} sectors, done in {:.1} s",
+        case.name, run.secs
+    );
 }
 
 #[cfg(test)]

@@ -265,6 +265,17 @@ pub fn boot_guest(
     socket: &Path,
     script: &str,
 ) -> Result<GuestRun, String> {
+    boot_guest_with(kernel, initrd, socket, script, "")
+}
+
+/// [`boot_guest`] with extra `-chardev socket` options, e.g. `,reconnect-ms=500`.
+pub fn boot_guest_with(
+    kernel: &Path,
+    initrd: &Path,
+    socket: &Path,
+    script: &str,
+    chardev_extra: &str,
+) -> Result<GuestRun, String> {
     let encoded = base64(script.as_bytes());
     let append = format!("console=ttyS0 panic=-1 loglevel=4 vuq.script={encoded}");
     // x86's COMMAND_LINE_SIZE is 2048 including the terminating NUL.
@@ -293,7 +304,10 @@ pub fn boot_guest(
         ])
         .args(["-numa", "node,memdev=mem"])
         .arg("-chardev")
-        .arg(format!("socket,path={},id=c0", socket.display()))
+        .arg(format!(
+            "socket,path={},id=c0{chardev_extra}",
+            socket.display()
+        ))
         .args([
             "-device",
             &format!("vhost-user-blk-pci,chardev=c0,num-queues={QUEUES}"),

@@ -39,7 +39,7 @@ impl std::fmt::Debug for LuksVolume {
 /// Runs the sector cipher over key material whose length may not be a whole number of sectors
 /// (e.g. 24-byte keys: 96 000 bytes). Every supported mode is prefix-preserving at 16-byte
 /// granularity within a sector, so the tail is processed as the start of a zero-padded sector.
-fn crypt_material(cipher: &SectorCipher, buf: &mut [u8], encrypt: bool) -> Result<()> {
+pub(crate) fn crypt_material(cipher: &SectorCipher, buf: &mut [u8], encrypt: bool) -> Result<()> {
     let whole = buf.len() / SECTOR_SIZE * SECTOR_SIZE;
     let (head, tail) = buf.split_at_mut(whole);
     if !head.is_empty() {

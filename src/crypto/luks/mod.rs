@@ -14,6 +14,7 @@ pub mod af;
 pub mod create;
 pub mod header;
 pub mod keyslot;
+pub mod luks2;
 pub mod pbkdf;
 
 use thiserror::Error;
@@ -54,8 +55,18 @@ pub enum LuksError {
     LastKeySlot(usize),
     #[error("the LUKS region {base}+{len} extends past the end of the file ({file_len} bytes)")]
     RegionPastEnd { base: u64, len: u64, file_len: u64 },
+    #[error("LUKS2")]
+    Luks2(#[source] Box<luks2::Luks2Error>),
+    #[error("request {offset}+{len} is not aligned to the {unit}-byte encryption sector")]
+    Unaligned { offset: u64, len: u64, unit: u64 },
     #[error("an access of {len} bytes at {offset} lies outside the {area}-byte LUKS area")]
     OutsideArea { offset: u64, len: u64, area: u64 },
+}
+
+impl From<luks2::Luks2Error> for LuksError {
+    fn from(e: luks2::Luks2Error) -> Self {
+        LuksError::Luks2(Box::new(e))
+    }
 }
 
 /// Result type of this module.
