@@ -4,10 +4,13 @@
 
 pub mod cli;
 pub mod crypto;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod image;
 pub mod lock;
 pub mod qcow2;
 pub mod rbd;
+pub mod sandbox;
 pub mod storage;
 pub mod vhost_user;
 pub mod virtio_blk;

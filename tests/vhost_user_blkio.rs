@@ -244,6 +244,75 @@ fn logical_block_size_4096_is_reported_and_enforced() {
     assert_ne!(complete(&mut c.queues[0]), 0);
 }
 
+/// (thread id, name, seccomp mode, number of filters) of every thread of `pid`.
+fn seccomp_of_threads(pid: u32) -> Vec<(u32, String, u32, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let t = t.expect("task entry").path();
+        let tid: u32 = t
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse().ok())
+            .expect("tid");
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing in {}", t.display()))
+        };
+        out.push((
+            tid,
+            comm.trim().to_owned(),
+            field("Seccomp:"),
+            field("Seccomp_filters:"),
+        ));
+    }
+    out
+}
+
+#[test]
+fn every_daemon_thread_runs_under_a_seccomp_filter() {
+    let d = Daemon::start(8 * MIB, &["--num-queues", "2"]);
+    let mut c = Client::connect(&d, 2, false).expect("connect");
+    // I/O on every queue (each worker narrowed the main thread's filter to its own at start).
+    for q in 0..2 {
+        assert_eq!(write(&mut c, q, 4096, &[0x5a; 4096]), 0);
+        assert_eq!(read(&mut c, q, 4096, 4096), vec![0x5a; 4096]);
+    }
+    let pid = d.child.id();
+    let threads = seccomp_of_threads(pid);
+    // main (accept loop and vhost-user messages), signals and two queue workers.
+    assert!(threads.len() >= 4, "{threads:?}");
+    for (tid, name, mode, filters) in &threads {
+        // 2 = SECCOMP_MODE_FILTER.
+        assert_eq!(
+            *mode, 2,
+            "thread {tid} ({name}) is not filtered: {threads:?}"
+        );
+        // Main and signals carry their own filter; the others the inherited one plus their own.
+        let expect = if *tid == pid || name == "signals" {
+            1
+        } else {
+            2
+        };
+        assert_eq!(*filters, expect, "thread {tid} ({name}): {threads:?}");
+    }
+    drop(c);
+}
+
+#[test]
+fn seccomp_off_leaves_every_thread_unfiltered() {
+    let d = Daemon::start(8 * MIB, &["--num-queues", "1", "--seccomp", "off"]);
+    let mut c = Client::connect(&d, 1, false).expect("connect");
+    assert_eq!(write(&mut c, 0, 0, &[1; 512]), 0);
+    let threads = seccomp_of_threads(d.child.id());
+    assert!(threads.iter().all(|t| t.2 == 0), "{threads:?}");
+    drop(c);
+}
+
 /// systemd socket activation and readiness: under `systemd-socket-activate` (LISTEN_FDS /
 /// LISTEN_PID, no --socket-path or --fd) the daemon serves the passed socket, tells the
 /// NOTIFY_SOCKET `READY=1` once it serves and `STOPPING=1` on SIGTERM, and exits 0.

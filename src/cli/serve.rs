@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// Socket mode and group.
     #[command(flatten)]
     pub socket: super::socket::SocketArgs,
+    /// System-call filter on every thread (docs/sandbox.md): `kill` the process on a call
+    /// outside the thread's allowlist, `log` it (kernel audit log) and allow it, or `off`.
+    #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["off", "log", "kill"])]
+    pub seccomp: String,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -136,6 +140,8 @@ pub enum ServeError {
     },
     #[error("invalid options")]
     Options(#[source] DeviceError),
+    #[error("seccomp")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error(transparent)]
@@ -180,6 +186,10 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         serial: args.serial.clone(),
     };
     crate::vhost_user::vring::set_tuning(args.poll_us, if args.direct { 8 } else { 1 });
+
+    crate::sandbox::configure(
+        crate::sandbox::Mode::from_name(&args.seccomp).unwrap_or(crate::sandbox::Mode::Kill),
+    )?;
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
     // the signal thread receives them.
@@ -263,6 +273,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         })?;
         log::info!("control socket on {}", path.display());
     }
+    crate::sandbox::enter(crate::sandbox::ThreadKind::Main)?;
     let r = vhost_user::serve(listener, export, args.once);
     drop(guard);
     Ok(r?)
@@ -364,6 +375,7 @@ fn spawn_signal_thread(
     std::thread::Builder::new()
         .name("signals".to_owned())
         .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Signal);
             let mut sig: libc::c_int = 0;
             loop {
                 // SAFETY: `set` is an initialised sigset with the signals blocked in every thread;

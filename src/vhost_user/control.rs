@@ -78,6 +78,7 @@ pub fn spawn(path: &Path, export: Arc<Export>) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("control".to_owned())
         .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Control);
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {

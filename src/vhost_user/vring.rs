@@ -120,7 +120,10 @@ pub fn spawn(setup: WorkerSetup) -> io::Result<Worker> {
     };
     let handle = std::thread::Builder::new()
         .name(format!("vq{}", ctx.setup.index))
-        .spawn(move || ctx.run())?;
+        .spawn(move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::ThreadKind::Worker);
+            ctx.run()
+        })?;
     Ok(Worker { wake, stop, handle })
 }
 

@@ -1,0 +1,6 @@
+#![no_main]
+//! Body: `vhost_user_qcow2::fuzz_harness::decompress` (the normal test suite replays the corpus).
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| vhost_user_qcow2::fuzz_harness::decompress(data));
