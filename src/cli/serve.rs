@@ -93,8 +93,9 @@ pub struct ServeArgs {
     pub socket: super::socket::SocketArgs,
     /// System-call filter on every thread (docs/sandbox.md): `kill` the process on a call
     /// outside the thread's allowlist, `log` it (kernel audit log) and allow it, or `off`.
-    #[arg(long, value_name = "MODE", default_value = "kill", value_parser = ["off", "log", "kill"])]
-    pub seccomp: String,
+    /// Default `kill`; `off` for rbd: images (librbd runs threads and system calls of its own).
+    #[arg(long, value_name = "MODE", value_parser = ["off", "log", "kill"])]
+    pub seccomp: Option<String>,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -187,9 +188,21 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     crate::vhost_user::vring::set_tuning(args.poll_us, if args.direct { 8 } else { 1 });
 
-    crate::sandbox::configure(
-        crate::sandbox::Mode::from_name(&args.seccomp).unwrap_or(crate::sandbox::Mode::Kill),
-    )?;
+    let rbd = args
+        .image
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .is_some_and(crate::rbd::is_rbd);
+    let seccomp = match args.seccomp.as_deref() {
+        Some(m) => crate::sandbox::Mode::from_name(m).unwrap_or(crate::sandbox::Mode::Kill),
+        // librbd's messenger threads open sockets and make calls no allowlist can foresee.
+        None if rbd => {
+            log::info!("rbd: image: the system-call filter is off (give --seccomp to force it)");
+            crate::sandbox::Mode::Off
+        }
+        None => crate::sandbox::Mode::Kill,
+    };
+    crate::sandbox::configure(seccomp)?;
 
     // Block SIGTERM/SIGINT before any thread exists so every thread inherits the mask and only
     // the signal thread receives them.

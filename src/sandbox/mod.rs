@@ -83,9 +83,27 @@ thread_local! {
 /// mode again is harmless; changing it is refused (threads may already run under the first).
 pub fn configure(mode: Mode) -> Result<(), SandboxError> {
     match MODE.set(mode) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            if mode != Mode::Off {
+                fix_malloc_arenas();
+            }
+            Ok(())
+        }
         Err(_) if MODE.get() == Some(&mode) => Ok(()),
         Err(_) => Err(SandboxError::AlreadyConfigured),
+    }
+}
+
+/// glibc's malloc reads files when a thread first needs an arena of its own (the online CPUs,
+/// /sys/devices/system/cpu/online) and when it later trims that arena's heap
+/// (/proc/sys/vm/overcommit_memory); under a filter that refuses `openat` that read kills the
+/// thread. With one arena, every thread allocates from the main heap and malloc never opens a
+/// file. The hot path does not allocate (buffers are per worker and reused), so the shared
+/// arena costs nothing measurable there.
+fn fix_malloc_arenas() {
+    // SAFETY: mallopt only sets a malloc tunable; M_ARENA_MAX takes any positive int.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
