@@ -86,26 +86,21 @@ fn allocate_holes(
 ) -> Result<(), ToolError> {
     use crate::storage::Storage;
     use std::io::IsTerminal;
-    use std::os::fd::AsRawFd;
     const CHUNK: u64 = 64 << 20;
     let len = st.len()?;
     // A second descriptor of the same file, only to find its holes.
     let probe = std::fs::File::open(path)?;
-    let fd = probe.as_raw_fd();
-    let seek = |off: u64, whence: i32| -> Option<u64> {
-        let o = libc::off_t::try_from(off).ok()?;
-        // SAFETY: lseek on our open descriptor only moves its file position.
-        let r = unsafe { libc::lseek(fd, o, whence) };
-        u64::try_from(r).ok()
-    };
     let tty = std::io::stderr().is_terminal();
     let mut off = 0u64;
     while off < len {
         // The next hole at or after `off` (EOF counts as one), and the data after it.
-        let Some(hole) = seek(off, libc::SEEK_HOLE).filter(|&h| h < len) else {
+        let Some(hole) = super::tools::seek(&probe, off, libc::SEEK_HOLE)?.filter(|&h| h < len)
+        else {
             break;
         };
-        let data = seek(hole, libc::SEEK_DATA).unwrap_or(len).min(len);
+        let data = super::tools::seek(&probe, hole, libc::SEEK_DATA)?
+            .unwrap_or(len)
+            .min(len);
         let mut at = hole;
         while at < data {
             let n = CHUNK.min(data - at);

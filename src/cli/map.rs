@@ -18,7 +18,6 @@
 
 use std::fs::File;
 use std::io::{IoSliceMut, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -232,22 +231,6 @@ fn open_layers(path: &Path, format: Option<Format>) -> Result<Vec<Layer>, ToolEr
     Ok(layers)
 }
 
-/// `lseek` with `whence`; `None` for ENXIO (no data / no hole past `off`).
-fn seek(f: &File, off: u64, whence: i32) -> std::io::Result<Option<u64>> {
-    let o =
-        libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on a valid open descriptor; it only moves the file position.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), o, whence) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    Ok(Some(u64::try_from(r).unwrap_or(0)))
-}
-
 fn layer_status(layer: &Layer, off: u64, max: u64) -> Result<Status, ToolError> {
     let name = &layer.name;
     Ok(match &layer.kind {
@@ -259,11 +242,11 @@ fn layer_status(layer: &Layer, off: u64, max: u64) -> Result<Status, ToolError> 
             offset: None,
         },
         LayerKind::Raw(f) => {
-            let (len, data) = match seek(f, off, libc::SEEK_DATA)? {
+            let (len, data) = match super::tools::seek(f, off, libc::SEEK_DATA)? {
                 // Trailing hole.
                 None => (max, false),
                 Some(d) if d == off => {
-                    let hole = seek(f, off, libc::SEEK_HOLE)?.unwrap_or(layer.size);
+                    let hole = super::tools::seek(f, off, libc::SEEK_HOLE)?.unwrap_or(layer.size);
                     (hole.saturating_sub(off).max(1), true)
                 }
                 Some(d) => (d - off, false),
@@ -321,14 +304,14 @@ fn layer_status(layer: &Layer, off: u64, max: u64) -> Result<Status, ToolError> 
                     if *prealloc {
                         // Ask the file whether the cluster is a hole (or past its end).
                         let ho = h + in_cluster;
-                        match seek(file, ho, libc::SEEK_DATA)? {
+                        match super::tools::seek(file, ho, libc::SEEK_DATA)? {
                             None => s.zero = true,
                             Some(d) if d > ho => {
                                 s.zero = true;
                                 s.len = s.len.min(d - ho);
                             }
                             Some(_) => {
-                                if let Some(hole) = seek(file, ho, libc::SEEK_HOLE)? {
+                                if let Some(hole) = super::tools::seek(file, ho, libc::SEEK_HOLE)? {
                                     s.len = s.len.min(hole.saturating_sub(ho).max(1));
                                 }
                             }
@@ -353,7 +336,7 @@ fn read_be64(file: &File, off: u64) -> Result<u64, ToolError> {
 
 /// The host cluster an extended L2 entry names for the cluster holding `off` (0 if none).
 fn l2_host(q: &Qcow2, file: &File, off: u64) -> Result<u64, ToolError> {
-    const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    use crate::qcow2::metadata::{COMPRESSED, OFFSET_MASK};
     let h = q.header();
     let cs = h.cluster_size();
     let per_l2 = h.l2_entries();
@@ -367,7 +350,7 @@ fn l2_host(q: &Qcow2, file: &File, off: u64) -> Result<u64, ToolError> {
         return Ok(0);
     }
     let entry = read_be64(file, l2 + (cluster % per_l2) * 16)?;
-    if entry & (1 << 62) != 0 {
+    if entry & COMPRESSED != 0 {
         return Ok(0);
     }
     Ok(entry & OFFSET_MASK)
@@ -385,43 +368,19 @@ fn metadata_preallocated(
     let real_clusters = file.metadata()?.blocks().saturating_mul(512) / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
     let end_cluster = st.len()?.div_ceil(cs);
-    let bits = 1u64 << h.refcount_order;
-    let per_block = cs * 8 / bits;
-    let table_len = u64::from(h.refcount_table_clusters) * cs / 8;
+    let mut rc = qcow2::alloc::Refcounts::load(
+        st,
+        h.refcount_order,
+        h.cluster_bits,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        true,
+    )?;
     let mut count = 0u64;
-    let mut block =
-        vec![0u8; usize::try_from(cs).map_err(|_| ToolError::BadArgument("cluster size"))?];
     let mut i = 0u64;
     while i < end_cluster && count < threshold {
-        let t = i / per_block;
-        if t >= table_len {
-            break;
-        }
-        let rb = read_be64(file, h.refcount_table_offset + t * 8)? & !(cs - 1) & ((1 << 56) - 1);
-        let first = t * per_block;
-        let last = (first + per_block).min(end_cluster);
-        if rb == 0 {
-            i = last;
-            continue;
-        }
-        std::os::unix::fs::FileExt::read_exact_at(file, &mut block, rb)?;
-        while i < last && count < threshold {
-            let bit = (i - first) * bits;
-            let byte = usize::try_from(bit / 8).unwrap_or(usize::MAX);
-            let nonzero = if bits >= 8 {
-                let n = usize::try_from(bits / 8).unwrap_or(8);
-                block
-                    .get(byte..byte + n)
-                    .is_some_and(|b| b.iter().any(|&x| x != 0))
-            } else {
-                let shift = bit % 8;
-                block
-                    .get(byte)
-                    .is_some_and(|&b| (b >> shift) & ((1u8 << bits) - 1) != 0)
-            };
-            count += u64::from(nonzero);
-            i += 1;
-        }
+        count += u64::from(rc.get(st, i)? != 0);
+        i += 1;
     }
     Ok(count >= threshold)
 }

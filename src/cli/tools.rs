@@ -77,6 +77,22 @@ pub fn read_locking(force_share: bool) -> crate::image::Locking {
     }
 }
 
+/// `lseek` with `whence`; `None` for ENXIO (no data / no hole past `off`).
+pub fn seek(f: &std::fs::File, off: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    let o =
+        libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on a valid open descriptor; it only moves the file position.
+    let r = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(f), o, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(u64::try_from(r).unwrap_or(0)))
+}
+
 /// Output format of `info` and `check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutputFormat {

@@ -19,6 +19,7 @@
 //! image's (QEMU would resize; not supported here).
 
 use super::alloc::Refcounts;
+use super::codec::{self, be16, be32, be64};
 use super::header::{Header, INCOMPAT_DATA_FILE, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use super::metadata::{COMPRESSED, COPIED, OFFSET_MASK};
 use super::{Error, Result};
@@ -48,16 +49,6 @@ const MAX_TABLE_BYTES: u64 = 64 << 20;
 /// Largest extra data per entry (QEMU's limit: 1 KiB).
 const MAX_EXTRA: u32 = 1024;
 
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
-}
-
 fn bad(what: &'static str, offset: u64) -> Error {
     Error::BadTable {
         what: "snapshot table",
@@ -83,8 +74,8 @@ pub fn read_table(st: &dyn Storage, h: &Header) -> Result<Vec<Snapshot>> {
     for _ in 0..h.nb_snapshots {
         let mut fixed = [0u8; 40];
         st.read_at(&mut fixed, pos)?;
-        let id_len = usize::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-        let name_len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+        let id_len = usize::from(be16(&fixed, 12));
+        let name_len = usize::from(be16(&fixed, 14));
         let extra_len = be32(&fixed, 36);
         if extra_len > MAX_EXTRA {
             return Err(bad("has an entry with too much extra data", pos));
@@ -206,16 +197,11 @@ impl<'a> Img<'a> {
     }
 
     fn read_l1(&self, off: u64, n: u32) -> Result<Vec<u64>> {
-        let bytes = usize::try_from(u64::from(n) * 8).map_err(|_| Error::TooLarge)?;
-        let mut b = vec![0u8; bytes];
-        self.st.read_at(&mut b, off)?;
-        Ok(b.chunks_exact(8).map(|c| be64(c, 0)).collect())
+        codec::read(self.st, off, u64::from(n))
     }
 
     fn write_l1(&self, off: u64, l1: &[u64]) -> Result<()> {
-        let b: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.st.write_at(&b, off)?;
-        Ok(())
+        codec::write(self.st, off, l1)
     }
 
     fn cluster(&self, off: u64) -> Result<u64> {
