@@ -14,7 +14,7 @@ use std::io::{IoSliceMut, Write};
 use std::path::{Path, PathBuf};
 
 use super::keyslot::KeyArgs;
-use super::map::{self, MapEntry};
+use super::map;
 use super::tools::ToolError;
 use crate::crypto::secret::Passphrase;
 use crate::image::{BlockImage, Format, OpenOptions};
@@ -107,12 +107,6 @@ fn read(img: &dyn BlockImage, off: u64, buf: &mut [u8]) -> Result<(), ToolError>
     Ok(())
 }
 
-/// The entry of `entries` covering `off` (entries are sorted and contiguous).
-fn entry_at(entries: &[MapEntry], off: u64) -> Option<&MapEntry> {
-    let i = entries.partition_point(|e| e.start + e.length <= off);
-    entries.get(i)
-}
-
 /// Compares the two images.
 pub fn compare(args: &CompareArgs) -> Result<Outcome, ToolError> {
     let f1 = format_of(args.format1.as_deref())?;
@@ -132,7 +126,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome, ToolError> {
     let mut buf2 = buf1.clone();
     let mut off = 0u64;
     while off < common {
-        let (Some(e1), Some(e2)) = (entry_at(&m1, off), entry_at(&m2, off)) else {
+        let (Some(e1), Some(e2)) = (map::entry_at(&m1, off), map::entry_at(&m2, off)) else {
             break;
         };
         let end = (e1.start + e1.length).min(e2.start + e2.length).min(common);
@@ -160,7 +154,7 @@ pub fn compare(args: &CompareArgs) -> Result<Outcome, ToolError> {
         (b.as_ref(), &m2, s2)
     };
     while off < total {
-        let Some(e) = entry_at(over_map, off) else {
+        let Some(e) = map::entry_at(over_map, off) else {
             break;
         };
         let len = (e.start + e.length)

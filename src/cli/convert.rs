@@ -256,7 +256,7 @@ pub fn run(args: &ConvertArgs, _out: &mut dyn Write) -> Result<i32, ToolError> {
 /// Whether the map says `off..off+len` reads as zero throughout.
 fn map_zero(map: &[super::map::MapEntry], off: u64, len: u64) -> bool {
     let end = off + len;
-    let i = map.partition_point(|e| e.start + e.length <= off);
+    let i = super::map::entry_index(map, off);
     map[i..]
         .iter()
         .take_while(|e| e.start < end)

@@ -415,6 +415,17 @@ fn block_status(layers: &[Layer], off: u64, max: u64) -> Result<MapEntry, ToolEr
     Err(ToolError::BadArgument("empty backing chain"))
 }
 
+/// Index of the entry covering `off` in a map (entries sorted and contiguous), or the length
+/// if `off` is past the end.
+pub fn entry_index(entries: &[MapEntry], off: u64) -> usize {
+    entries.partition_point(|e| e.start + e.length <= off)
+}
+
+/// The entry covering `off`, if any.
+pub fn entry_at(entries: &[MapEntry], off: u64) -> Option<&MapEntry> {
+    entries.get(entry_index(entries, off))
+}
+
 fn mergeable(a: &MapEntry, b: &MapEntry) -> bool {
     a.length > 0
         && a.zero == b.zero
